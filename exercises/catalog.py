@@ -1,0 +1,36 @@
+"""The list of graded exercises: notebook name, the name the learner defines, its check.
+
+The grader and the tests read this table; each notebook also records its `slug` in its
+metadata (``metadata["exercise"]["slug"]``) so a renamed file is still recognised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Exercise:
+    number: int
+    slug: str        # also the notebook's metadata["exercise"]["slug"]
+    title: str
+    candidate: str   # the function or class the learner writes in the notebook
+    check: str       # the name of its check in exercises.checks
+
+    @property
+    def notebook(self) -> str:
+        return f"{self.number:02d}-{self.slug}.ipynb"
+
+
+EXERCISES = (
+    Exercise(1, "cross-entropy", "Stable cross-entropy", "cross_entropy", "check_cross_entropy"),
+    Exercise(2, "adamw", "One AdamW step", "AdamW", "check_adamw"),
+    Exercise(3, "clip-grad-norm", "Global-norm gradient clipping", "clip_grad_norm", "check_clip_grad_norm"),
+    Exercise(4, "cosine-schedule", "Warmup + cosine schedule", "cosine_lr", "check_cosine_schedule"),
+    Exercise(5, "linear-schedule", "Warmup + linear decay schedule", "linear_lr", "check_linear_schedule"),
+    Exercise(6, "lr-finder", "Learning-rate range finder", "lr_finder", "check_lr_finder"),
+    Exercise(7, "early-stopping", "Validation and early stopping", "train_with_early_stopping",
+             "check_early_stopping"),
+)
+
+BY_SLUG = {exercise.slug: exercise for exercise in EXERCISES}
+BY_CHECK = {exercise.check: exercise for exercise in EXERCISES}
