@@ -98,7 +98,7 @@ class TrainConfig:
     seed: int = _opt(1337, "seed for initialisation, batches and sampling")
     resume: str = _opt("", "checkpoint to resume from (e.g. out/last.pt)")
     sample_chars: int = _opt(500, "characters the CLI generates after training")
-    progress: bool = _opt(True, "show a tqdm progress bar")
+    progress: bool = _opt(True, "show a tqdm progress bar and one line per evaluation (off: silent)")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -1072,8 +1072,9 @@ def train(config: TrainConfig) -> TrainResult:
                     if config.patience and evals_without_improvement >= config.patience:
                         stop_reason = f"early stopping: no better val loss in {config.patience} evaluations"
                         stop[0] = 1
-                bar.write(f"step {step:5d} | train {train_loss:.4f} | val {val_loss:.4f} | lr {lr:.2e} | "
-                          f"{tokens_per_update * len(history) / max(train_seconds, 1e-9):,.0f} tok/s")
+                if config.progress:
+                    bar.write(f"step {step:5d} | train {train_loss:.4f} | val {val_loss:.4f} | lr {lr:.2e} | "
+                              f"{tokens_per_update * len(history) / max(train_seconds, 1e-9):,.0f} tok/s")
                 written = _append_history(history_path, history, written)
                 window_start += time.perf_counter() - eval_start
             if ddp.world_size > 1:
