@@ -55,3 +55,13 @@ def tiny_train_config(corpus_slice_file, tmp_path):
         return training.TrainConfig(**settings)
     return make
 
+
+
+@pytest.fixture
+def one_thread():
+    """Run torch on one CPU thread: for tiny models a second thread buys nothing, and on a
+    shared or oversubscribed CI machine it can make a short training run several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
