@@ -4,10 +4,12 @@ Each function draws on an ``ax`` the caller owns, so a lesson composes its own
 figure and ends the cell with ``plt.show()``.
 """
 
+import math
+
 import numpy as np
 import torch
 
-__all__ = ["plot_curves", "plot_paths_on_surface"]
+__all__ = ["history_of", "moving_average", "plot_curves", "plot_history", "plot_paths_on_surface", "plot_runs"]
 
 
 def plot_paths_on_surface(ax, loss_fn, paths, *, xlim, ylim, minimum=None, levels=12, grid=200):
@@ -40,19 +42,91 @@ def plot_paths_on_surface(ax, loss_fn, paths, *, xlim, ylim, minimum=None, level
     ax.legend(fontsize=8)
 
 
-def plot_curves(ax, curves, *, xlabel="step", ylabel="loss", logy=False, hline=None, hline_label=None):
-    """One line per entry of ``curves`` ({label: sequence of y, one per step from 0}).
+def plot_curves(ax, curves, *, xlabel="step", ylabel="loss", logy=False, hline=None, hline_label=None, first_x=0):
+    """One line per entry of ``curves`` ({label: sequence of y, one per step from ``first_x``}).
 
     hline: an optional horizontal reference (e.g. ln V, the loss of a uniform guess).
     """
     if not curves:
         raise ValueError("curves must name at least one curve")
     for label, ys in curves.items():
-        ax.plot(range(len(ys)), list(ys), label=label)
+        ax.plot(range(first_x, first_x + len(ys)), list(ys), label=label)
     if hline is not None:
         ax.axhline(hline, color="0.4", ls="--", lw=1, label=hline_label)
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+
+
+# Loss curves of training runs, from training.TrainResult.history: one dict per update,
+# {"step", "lr", "loss"}, plus "train_loss" and "val_loss" at evaluations.
+
+def history_of(run):
+    """The history list of a ``TrainResult`` (or a history list itself)."""
+    history = getattr(run, "history", run)
+    if not isinstance(history, list) or not all(isinstance(entry, dict) and "step" in entry for entry in history):
+        raise TypeError("run must be a training.TrainResult or its .history (a list of dicts with 'step')")
+    return history
+
+
+def moving_average(values, window):
+    """Trailing mean over up to ``window`` values (shorter at the start, so no point is dropped)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    values = np.asarray(values, dtype=float)
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    ends = np.arange(1, len(values) + 1)
+    counts = np.minimum(ends, window)
+    return (sums[ends] - sums[ends - counts]) / counts
+
+
+def plot_history(ax, run, *, label=None, color=None, smooth=10, show_eval=True):
+    """One run: per-update training loss (faint), its moving average (solid), val loss (dots).
+
+    Per-update losses are noisy (each is one random batch); evaluation losses are averaged
+    over fixed batches. A loss that became NaN or infinite ends the curve, and a cross at
+    the top of the axes marks that update. Returns the colour used.
+    """
+    history = history_of(run)
+    steps = np.array([entry["step"] for entry in history])
+    losses = np.array([entry["loss"] for entry in history], dtype=float)
+    finite = np.isfinite(losses)
+    first_bad = None if finite.all() else int(np.argmin(finite))
+    good = slice(None) if first_bad is None else slice(0, first_bad)
+    (raw,) = ax.plot(steps[good], losses[good], color=color, alpha=0.25, lw=0.8)
+    color = raw.get_color()
+    if len(losses[good]):
+        ax.plot(steps[good], moving_average(losses[good], smooth), color=color, lw=1.8,
+                label=f"{label}: train (mean of {smooth})" if label else None)
+    if first_bad is not None:
+        ax.plot([steps[first_bad]], [1.0], "x", ms=10, mew=2.5, color=color, clip_on=False,
+                transform=ax.get_xaxis_transform(),
+                label=f"{label}: non-finite loss by step {steps[first_bad]}" if label else None)
+    evals = [(entry["step"], entry["val_loss"]) for entry in history
+             if "val_loss" in entry and math.isfinite(entry["val_loss"])]
+    if show_eval and evals:
+        ax.plot(*zip(*evals), "o--", color=color, ms=5, lw=1,
+                label=f"{label}: validation" if label else "validation")
+    return color
+
+
+def plot_runs(ax, runs, *, title=None, hline=None, hline_label=None, smooth=10, logy=False, ylim=None):
+    """Several runs, ``{label: TrainResult or history}``, on one axes.
+
+    hline: an optional horizontal reference, e.g. ln V (the loss of a uniform guess).
+    """
+    if not runs:
+        raise ValueError("runs must name at least one run")
+    for label, run in runs.items():
+        plot_history(ax, run, label=label, smooth=smooth)
+    if hline is not None:
+        ax.axhline(hline, color="0.4", ls=":", lw=1.2, label=hline_label)
+    if logy:
+        ax.set_yscale("log")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set(xlabel="update", ylabel="loss (nats per token)", title=title)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
