@@ -508,12 +508,14 @@ def markdown_play_to_text(markdown: str) -> str:
         if name or line.startswith("#"):  # a new speaker, or a new act/scene
             if speaker and lines:
                 speeches.append(f"{speaker}:\n" + "\n".join(lines))
-            speaker, lines = (name.group(1).strip() if name else None), []
+            # one source heading reads "ROSENCRANTZ: & GUILDENSTERN:"; a colon ends the name line
+            speaker, lines = (name.group(1).replace(":", "").strip() if name else None), []
             continue
         if re.fullmatch(r"([_*]).*\1", line):  # a stage direction on its own line
             continue
         if speaker and line:
-            line = re.sub(r"([_*])\\?\[[^\]]*\]\1\s*", "", line)  # inline directions: _\[Aside]_
+            # inline directions: _\[Aside]_, and a few files' malformed [Within]_ or __\[Reads]_
+            line = re.sub(r"[_*]*\\?\[[^\]]*\][_*]*\s*", "", line)
             line = line.replace("\\", "").replace("_", "").replace("*", "").strip()
             if line:
                 lines.append(line)
@@ -788,7 +790,7 @@ def read_checkpoint(path: str | Path, map_location=None) -> dict:
         raise CheckpointError(f"{path} was refused by the safe loader (weights_only=True): it holds objects "
                               f"other than tensors and plain data, such as code to run. Nothing from it "
                               f"was executed. ({first_line})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - any other failure means "not a readable torch file"
         raise CheckpointError(f"{path} is truncated or not a file written by torch.save "
                               f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
