@@ -243,3 +243,13 @@ def test_api_page_documents_every_public_name(module):
     assert names
     missing = [name for name in names if f"### `{name}`" not in page]
     assert not missing, f"api.qmd has no entry for {module.__name__}.{missing}"
+
+
+def test_workflow_publishes_the_public_site_only():
+    workflow = load_yaml(".github/workflows/site.yml")
+    steps = [step for job in workflow["jobs"].values() for step in job.get("steps", [])]
+    published = [step["with"]["path"] for step in steps
+                 if step.get("uses", "").startswith("actions/upload-pages-artifact")]
+    assert published == [PUBLIC_OUTPUT]
+    commands = [step.get("run", "").strip() for step in steps]
+    assert "quarto render" in commands and "quarto render --profile instructor" in commands
