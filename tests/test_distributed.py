@@ -26,9 +26,10 @@ import training
 
 pytestmark = pytest.mark.slow
 
+# Progress stays on: the test below checks that only rank 0 prints its evaluation lines.
 TINY = ["--context-length", "32", "--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--d-ff", "64",
         "--batch-size", "8", "--warmup-steps", "2", "--decay-steps", "6", "--eval-interval", "3",
-        "--eval-batches", "2", "--log-interval", "1", "--sample-chars", "0", "--no-progress"]
+        "--eval-batches", "2", "--log-interval", "1", "--sample-chars", "0"]
 STEPS = 6
 ATOL, RTOL = 1e-5, 1e-5
 
