@@ -475,7 +475,7 @@ class _decay_after_update(torch.optim.Optimizer):
     """AdamW with the decay applied after the update instead of before (a mistake model)."""
 
     def __init__(self, params, weight_decay, **hyper):
-        super().__init__(params, dict(weight_decay=weight_decay))
+        super().__init__(params, dict(lr=hyper["lr"], weight_decay=weight_decay))
         self.adam = training.AdamW(params, weight_decay=0.0, **hyper)
         self.lr, self.weight_decay = hyper["lr"], weight_decay
 
@@ -709,14 +709,15 @@ def _diagnose_schedule(fn, reference, config, wrong, decay_formula):
     setting = f"max_lr={max_lr}, min_lr={min_lr}, warmup_steps={w}, total_steps={total}"
     region = _region(step, w, total)
     shown = f"at step {step} ({setting}): expected {expected:.6g}, got {got:.6g}"
+    if region in ("peak", "decay") and w > 0 and _close(got, reference(step, **dict(config, warmup_steps=0)),
+                                                        1e-6, 1e-12):
+        raise ExerciseFailed(f"the decay must start at warmup_steps: progress = (step - warmup_steps) / "
+                             f"(total_steps - warmup_steps); {shown}")
     if region == "warmup" or (region == "peak" and w > 0):
-        if step == 0 and expected == 0:
-            if _close(got, reference(1, **config), 1e-6, 1e-12) or got > 0:
-                raise ExerciseFailed(f"warmup is off by one: expected lr 0 at step 0 (lr = max_lr * step / "
-                                     f"warmup_steps), {shown}")
-        if w > 0 and _close(got, reference(min(step + 1, w), **config), 1e-6, 1e-12):
-            raise ExerciseFailed(f"warmup is off by one: lr = max_lr * step / warmup_steps, which is 0 at step 0 "
-                                 f"and max_lr at step warmup_steps; {shown}")
+        early = [(s, g) for s, g, _ in wrong if s <= w]
+        if w > 0 and all(_close(g, reference(min(s + 1, w), **config), 1e-6, 1e-12) for s, g in early):
+            raise ExerciseFailed(f"warmup is off by one: expected lr {expected:.6g} at step {step} (lr = max_lr * "
+                                 f"step / warmup_steps: 0 at step 0, max_lr at step warmup_steps); {shown}")
         raise ExerciseFailed(f"during warmup the LR rises linearly, max_lr * step / warmup_steps, reaching max_lr "
                              f"at step warmup_steps; {shown}")
     if region == "peak":
@@ -727,9 +728,6 @@ def _diagnose_schedule(fn, reference, config, wrong, decay_formula):
                                           for s, g in decay_wrong):
         raise ExerciseFailed(f"the decay ends at 0 instead of min_lr: {decay_formula}; {shown}")
     if region == "decay":
-        if w > 0 and _close(got, reference(step, **dict(config, warmup_steps=0)), 1e-6, 1e-12):
-            raise ExerciseFailed(f"the decay must start at warmup_steps: progress = (step - warmup_steps) / "
-                                 f"(total_steps - warmup_steps); {shown}")
         raise ExerciseFailed(f"wrong LR during the decay: {decay_formula}; {shown}")
     if region == "end":
         raise ExerciseFailed(f"at step total_steps the LR must have reached min_lr; {shown}")
@@ -786,6 +784,8 @@ _LR_FINDER_CASES = [
      dict(best_lr=1e-2, explode_at=0.2, blow_up=lambda loss: math.inf)),
     ("a noisy curve (+-30%)", dict(start_lr=1e-6, end_lr=1.0, num_steps=50),
      dict(best_lr=1e-3, explode_at=0.3, noise=0.3, seed=3)),
+    ("a loss that jumps 5x past lr=0.05 (above 4x the lowest loss, below 4x the first)",
+     dict(start_lr=1e-5, end_lr=1.0, num_steps=40), dict(best_lr=3e-3, explode_at=0.05, blow_up=lambda loss: loss * 5)),
     ("two steps", dict(start_lr=1e-3, end_lr=1e-1, num_steps=2), dict(best_lr=1e-2)),
 ]
 
@@ -900,7 +900,7 @@ class _ScriptedRun:
 
     def evaluate(self):
         self.evaluated_at.append(self.steps)
-        return self.val_losses[min(len(self.evaluated_at), len(self.val_losses)) - 1]
+        return _val_loss(self.val_losses, len(self.evaluated_at))
 
     def weights_after(self, steps):
         return {name: value + steps for name, value in self.initial.items()}
@@ -965,42 +965,48 @@ def _early_stopping_schedule(run, reference_run, settings, curve, inputs):
         raise ExerciseFailed(f"evaluate after every eval_every={every} training steps: expected evaluations "
                              f"after steps {expected_evals}, yours came after steps {got_evals}{_on(inputs)}")
     if len(got_evals) != len(expected_evals):
-        stop = expected_evals[-1]
-        n = len(got_evals)
-        if n == settings["max_steps"] // every and n > len(expected_evals):
-            if "flat" in inputs["case"]:
-                raise ExerciseFailed("an equal val loss is not an improvement: compare with `<`, not `<=` "
-                                     f"(with a flat curve training should stop after step {stop}){_on(inputs)}")
-            raise ExerciseFailed(f"training never stopped early: stop after `patience` evaluations in a row without "
-                                 f"improvement (expected to stop after step {stop}){_on(inputs)}")
-        if n == len(expected_evals) + 1:
-            message = "patience is off by one: you stopped one evaluation late"
-        elif n == len(expected_evals) - 1:
-            message = "patience is off by one: you stopped one evaluation early"
-        elif n < len(expected_evals) and _stops_without_reset(curve, settings["patience"]) == n:
-            message = ("reset the count of evaluations without improvement when the val loss improves: patience "
-                       "counts evaluations *in a row*")
-        else:
-            message = "wrong stopping point"
-        raise ExerciseFailed(f"{message}: expected the last evaluation after step {stop}, yours after step "
-                             f"{got_evals[-1] if got_evals else None} (val losses {curve[:max(n, len(expected_evals))]})"
+        n, patience, max_evals = len(got_evals), settings["patience"], settings["max_steps"] // every
+        mistakes = [  # (evaluations such a loop runs on this curve, what is wrong), first match wins
+            (_evaluations_until_stop(curve, patience, max_evals, strict=False),
+             "an equal val loss is not an improvement: compare with `<`, not `<=`"),
+            (max_evals, "training never stopped early: stop after `patience` evaluations in a row without "
+                        "improvement"),
+            (_evaluations_until_stop(curve, patience + 1, max_evals),
+             "patience is off by one: you stopped one evaluation late"),
+            (_evaluations_until_stop(curve, patience - 1, max_evals) if patience > 1 else None,
+             "patience is off by one: you stopped one evaluation early"),
+            (_evaluations_until_stop(curve, patience, max_evals, reset=False),
+             "reset the count of evaluations without improvement when the val loss improves: patience counts "
+             "evaluations *in a row*"),
+        ]
+        message = next((text for count, text in mistakes if count == n), "wrong stopping point")
+        raise ExerciseFailed(f"{message}: expected the last evaluation after step {expected_evals[-1]}, yours "
+                             f"after step {got_evals[-1] if got_evals else None} (val losses "
+                             f"{[_val_loss(curve, k) for k in range(1, max(n, len(expected_evals)) + 1)]})"
                              f"{_on(inputs)}")
     if run.steps != reference_run.steps:
         raise ExerciseFailed(f"train_step should run {reference_run.steps} times (until the last evaluation), "
                              f"it ran {run.steps} times{_on(inputs)}")
 
 
-def _stops_without_reset(curve, patience):
-    """How many evaluations a loop runs that never resets its counter (a mistake model)."""
+def _val_loss(curve, k):
+    """The val loss of the k-th evaluation (1-based) in a _ScriptedRun: the curve, then its last value."""
+    return curve[min(k, len(curve)) - 1]
+
+
+def _evaluations_until_stop(curve, patience, max_evals, reset=True, strict=True):
+    """How many evaluations an early-stopping loop runs on `curve` (a mistake model when reset or strict is off)."""
     best, bad = math.inf, 0
-    for n, loss in enumerate(curve, start=1):
-        if loss < best:
+    for k in range(1, max_evals + 1):
+        loss = _val_loss(curve, k)
+        if loss < best or (not strict and loss == best):
             best = loss
+            bad = 0 if reset else bad
         else:
             bad += 1
             if bad == patience:
-                return n
-    return len(curve)
+                return k
+    return max_evals
 
 
 def _early_stopping_weights(run, best_step, inputs):

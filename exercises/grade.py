@@ -34,7 +34,7 @@ from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
 from exercises.catalog import BY_SLUG, EXERCISES, Exercise
 
-__all__ = ["Grade", "find_notebooks", "identify", "grade_notebook", "grade_paths", "main"]
+__all__ = ["Grade", "answer_cells", "find_notebooks", "identify", "grade_notebook", "grade_paths", "main"]
 
 CELL_TIMEOUT_S = 120.0  # per learner cell (kernel start and imports included); the check's cell gets the same
 CALL_TIMEOUT_S = 20.0   # per call of the candidate inside the check (exercises.checks.TIME_LIMIT_S)
@@ -84,7 +84,7 @@ def _is_check_cell(cell):
     return "check" in cell.get("metadata", {}).get("tags", []) or re.search(r"\bcheck_\w+\(", cell.source)
 
 
-def _cells_to_run(notebook, exercise):
+def answer_cells(notebook, exercise):
     """(cell number, source) of the code cells up to the last one that defines the candidate, without
     the learner's own check calls; None when no cell defines it."""
     code = [(number, cell) for number, cell in enumerate(notebook.cells, start=1) if cell.cell_type == "code"]
@@ -140,7 +140,7 @@ def grade_notebook(path, *, cell_timeout=CELL_TIMEOUT_S, call_timeout=CALL_TIMEO
     if exercise is None:
         return result(None, False, "cannot tell which exercise this notebook is (no exercise metadata, no "
                                    "NN-name file name, no answer function found)")
-    cells = _cells_to_run(notebook, exercise)
+    cells = answer_cells(notebook, exercise)
     if cells is None:
         return result(exercise, False, f"no cell defines `{exercise.candidate}`: the answer cell is missing "
                                        f"or renamed")

@@ -1,0 +1,376 @@
+"""The exercise checks: solutions pass, untouched stubs fail helpfully, wrong answers are caught.
+
+A candidate is loaded from a notebook the way the grader loads it (its code cells up to the one
+that defines it, without the check cell). Each mutant is the solution with one plausible
+learner mistake edited in; the check must reject it, with the targeted message where the check
+knows that mistake. Everything runs in this process: no kernels, milliseconds per check.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+import training
+from exercises import _reference, checks
+from exercises.catalog import EXERCISES
+from exercises.checks import ExerciseFailed
+from exercises.grade import answer_cells
+
+ROOT = Path(__file__).resolve().parent.parent
+EXERCISE = {exercise.slug: exercise for exercise in EXERCISES}
+
+
+def notebook_cells(folder, slug):
+    """(sources of the cells before the answer, source of the answer cell) of folder/NN-slug.ipynb."""
+    exercise = EXERCISE[slug]
+    notebook = nbformat.read(ROOT / folder / exercise.notebook, as_version=4)
+    sources = [source for _, source in answer_cells(notebook, exercise)]
+    return sources[:-1], sources[-1]
+
+
+def load(slug, answer=None, folder="solutions"):
+    """The candidate defined by the notebook's cells, with `answer` replacing the answer cell if given."""
+    setup, notebook_answer = notebook_cells(folder, slug)
+    namespace = {}
+    for source in setup + [notebook_answer if answer is None else answer]:
+        exec(compile(source, f"<{slug}>", "exec"), namespace)
+    return namespace[EXERCISE[slug].candidate]
+
+
+def check(slug):
+    return getattr(checks, EXERCISE[slug].check)
+
+
+# ----------------------------------------------------------------------------------------
+# Solutions pass, stubs fail
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("slug", EXERCISE)
+def test_solution_passes_its_check(slug):
+    check(slug)(load(slug))
+
+
+def test_reference_answers_pass_their_checks():
+    checks.check_lr_finder(_reference.lr_finder)
+    checks.check_early_stopping(_reference.train_with_early_stopping)
+    for schedule, check_schedule in ((training.cosine_lr, checks.check_cosine_schedule),
+                                     (training.linear_lr, checks.check_linear_schedule)):
+        check_schedule(lambda step, max_lr, min_lr, warmup_steps, total_steps, schedule=schedule: schedule(
+            step, max_lr=max_lr, min_lr=min_lr, warmup_steps=warmup_steps, total_steps=total_steps))
+
+
+@pytest.mark.parametrize("slug", EXERCISE)
+def test_untouched_stub_fails_with_not_implemented(slug):
+    stub = load(slug, folder="exercises")
+    with pytest.raises(ExerciseFailed, match="is not implemented yet: replace `raise NotImplementedError`"):
+        check(slug)(stub)
+
+
+@pytest.mark.parametrize("slug", EXERCISE)
+def test_stub_and_solution_share_the_candidate_signature(slug):
+    stub_answer = notebook_cells("exercises", slug)[1]
+    solution_answer = notebook_cells("solutions", slug)[1]
+    signature = re.compile(rf"^(def|class) {EXERCISE[slug].candidate}\b.*?:$", re.MULTILINE | re.DOTALL)
+    assert signature.search(stub_answer).group(0) == signature.search(solution_answer).group(0)
+
+
+# ----------------------------------------------------------------------------------------
+# Mutants: the solution with one learner mistake each
+# ----------------------------------------------------------------------------------------
+
+def edit(*replacements):
+    """A mutant as (old, new) text replacements in the solution's answer cell."""
+    return replacements
+
+
+MUTANTS = {
+    "cross-entropy": [
+        ("softmax overflow without max subtraction",
+         edit(("row_max.squeeze(-1) + torch.log(torch.exp(logits - row_max)", "torch.log(torch.exp(logits)")),
+         r"softmax overflowed: exp\(1e4\) is inf"),
+        ("summed instead of averaged", edit((".mean()", ".sum()")), "you summed the per-row losses"),
+        ("sign flipped", edit(("(logsumexp - target_logits)", "(target_logits - logsumexp)")),
+         "the sign is flipped"),
+        ("per-row losses returned", edit((".mean()", "")), "you returned one loss per row"),
+        ("logits[:, targets] picks a block", edit(("logits[torch.arange(len(targets)), targets]",
+                                                   "logits[:, targets]")), r"picks an N x N block"),
+        ("log of softmax underflows", edit(("return (logsumexp - target_logits).mean()",
+                                            "return -torch.log(torch.softmax(logits, -1)"
+                                            "[torch.arange(len(targets)), targets]).mean()")),
+         "not finite|overflowed|underflowed"),
+        ("calls F.cross_entropy", edit(("return (logsumexp - target_logits).mean()",
+                                        "return torch.nn.functional.cross_entropy(logits, targets)")),
+         "off limits"),
+        ("returns a Python float", edit((".mean()", ".mean().item()")), "return a torch.Tensor"),
+        ("detached from autograd", edit((".mean()", ".mean().detach()")), "cut off from the autograd graph"),
+        ("modifies logits in place", edit(("torch.exp(logits - row_max)", "torch.exp(logits.sub_(row_max))")),
+         "changed `logits` in place"),
+        ("max taken over the batch, not per row",
+         edit(("logits.max(dim=-1, keepdim=True).values", "logits.max()")), "softmax overflowed|wrong loss"),
+    ],
+    "adamw": [
+        ("weight decay applied to the gradient (L2, as in Adam)",
+         edit(('p.mul_(1 - lr * group["weight_decay"])', 'p.grad.add_(p, alpha=group["weight_decay"])')),
+         "weight decay is applied to the gradient, AdamW decouples it"),
+        ("no bias correction", edit(("m / (1 - beta1 ** t)", "m"), ("v / (1 - beta2 ** t)", "v")),
+         "missing bias correction"),
+        ("v not bias-corrected", edit(("v / (1 - beta2 ** t)", "v")), "v is not bias-corrected"),
+        ("m not bias-corrected", edit(("m / (1 - beta1 ** t)", "m")), "m is not bias-corrected"),
+        ("bias correction without the power t", edit(("m / (1 - beta1 ** t)", "m / (1 - beta1)"),
+                                                     ("v / (1 - beta2 ** t)", "v / (1 - beta2)")),
+         "after step 2 of 6"),
+        ("step count advances twice per step", edit(('state["step"] += 1', 'state["step"] += 2')), None),
+        ("eps inside the square root", edit(('(v_hat.sqrt() + group["eps"])', '(v_hat + group["eps"]).sqrt()')),
+         "eps belongs outside the square root"),
+        ("eps missing", edit((' + group["eps"]', "")), "eps is missing"),
+        ("weight decay not scaled by lr", edit(('1 - lr * group["weight_decay"]', '1 - group["weight_decay"]')),
+         "not scaled by the learning rate"),
+        ("no weight decay", edit(('p.mul_(1 - lr * group["weight_decay"])', "pass")), "weight decay is missing"),
+        ("betas swapped", edit(("(beta1, beta2) = group", "(beta2, beta1) = group")), "betas are swapped"),
+        ("moments reset at every step", edit(("if not state:", "if True:")), "persist between calls"),
+        ("decays parameters without a gradient",
+         edit(('                p.mul_(1 - lr * group["weight_decay"])  # decoupled: shrink the weight, not the '
+               'gradient\n', ''),
+              ('                if p.grad is None:', '                p.mul_(1 - lr * group["weight_decay"])\n'
+                                                   '                if p.grad is None:')),
+         "not even weight decay touches them"),
+        ("does not skip .grad None", edit(("if p.grad is None:", "if False:")), "skip parameters whose .grad"),
+        ("update goes up the gradient", edit(("p.sub_(lr * m_hat", "p.add_(lr * m_hat")),
+         "goes up the gradient"),
+        ("plain SGD step", edit(('p.sub_(lr * m_hat / (v_hat.sqrt() + group["eps"]))', "p.sub_(lr * p.grad)")),
+         "plain SGD"),
+        ("rebinds p instead of updating in place",
+         edit(('p.sub_(lr * m_hat / (v_hat.sqrt() + group["eps"]))',
+               'p = p - lr * m_hat / (v_hat.sqrt() + group["eps"])')),
+         "did not change the parameters"),
+        ("weight decay after the update",
+         edit(('                p.mul_(1 - lr * group["weight_decay"])  # decoupled: shrink the weight, not the '
+               'gradient\n', ''),
+              ('p.sub_(lr * m_hat / (v_hat.sqrt() + group["eps"]))',
+               'p.sub_(lr * m_hat / (v_hat.sqrt() + group["eps"]))\n'
+               '                p.mul_(1 - lr * group["weight_decay"])')),
+         "apply weight decay before the Adam update"),
+        ("lr of the first group for every group", edit(('lr, (beta1, beta2) = group["lr"]',
+                                                        'lr, (beta1, beta2) = self.param_groups[0]["lr"]')),
+         "each param group has its own lr"),
+        ("hyperparameters fixed, not read from the group",
+         edit(('group["betas"]', "(0.9, 0.999)"), ('group["eps"]', "1e-8")),
+         "use the hyperparameters of the param group"),
+        ("state kept outside self.state",
+         edit(("state = self.state[p]", 'state = self.__dict__.setdefault("moments", {}).setdefault(p, {})')),
+         "rebuilt from state_dict"),
+    ],
+    "clip-grad-norm": [
+        ("norm per parameter, each clipped on its own",
+         edit(("norm = torch.sqrt(sum((g ** 2).sum() for g in grads))\n    if norm > max_norm:\n"
+               "        scale = max_norm / (norm + 1e-6)\n        for g in grads:\n            g.mul_(scale)",
+               "for g in grads:\n        norm = g.norm()\n        if norm > max_norm:\n"
+               "            g.mul_(max_norm / (norm + 1e-6))")),
+         "norm computed per parameter, not globally"),
+        ("missing clip condition", edit(("if norm > max_norm:", "if True:")),
+         "scale only when norm > max_norm"),
+        ("returns the norm after clipping", edit(("    return norm", "    return torch.sqrt(sum((g ** 2).sum() "
+                                                  "for g in grads))")), "return the norm before clipping"),
+        ("sum of the norms", edit(("torch.sqrt(sum((g ** 2).sum() for g in grads))", "sum(g.norm() for g in grads)")),
+         "not the sum of the norms"),
+        ("no square root", edit(("torch.sqrt(sum((g ** 2).sum() for g in grads))", "sum((g ** 2).sum() for g in grads)")),
+         "sum of squares"),
+        ("not in place", edit(("g.mul_(scale)", "g = g * scale")), "scale them in place"),
+        ("does not skip .grad None", edit(("if p.grad is not None]", "]")), "skip parameters whose .grad is None"),
+        ("returns a float", edit(("    return norm", "    return norm.item()")), "0-dim tensor"),
+        ("calls torch.nn.utils.clip_grad_norm_",
+         edit(("    grads = [", "    return torch.nn.utils.clip_grad_norm_(parameters, max_norm)\n    grads = [")),
+         "off limits|what this exercise builds"),
+        ("scales by norm / max_norm", edit(("max_norm / (norm + 1e-6)", "(norm + 1e-6) / max_norm")),
+         "wrong clipped gradient"),
+    ],
+    "cosine-schedule": [
+        ("warmup off by one", edit(("max_lr * step / warmup_steps", "max_lr * (step + 1) / warmup_steps")),
+         "warmup is off by one: expected lr 0 at step 0"),
+        ("decays to 0, not min_lr", edit(("min_lr + (max_lr - min_lr) * 0.5", "max_lr * 0.5")),
+         "ends at 0 instead of min_lr"),
+        ("decay starts at step 0", edit(("(step - warmup_steps) / (total_steps - warmup_steps)", "step / total_steps")),
+         "the decay must start at warmup_steps"),
+        ("no clamp past total_steps", edit(("    if step >= total_steps:\n        return min_lr\n", "")),
+         "past total_steps the LR stays at min_lr"),
+        ("divides by zero without warmup", edit(("if step < warmup_steps:", "if step <= warmup_steps:")),
+         "with warmup_steps=0 there is no warmup"),
+        ("returns a tensor (torch.cos)", edit(("math.cos(math.pi * progress)",
+                                               "__import__('torch').cos(__import__('torch').tensor(math.pi * "
+                                               "progress))")), "return a plain float"),
+        ("cosine without pi", edit(("math.cos(math.pi * progress)", "math.cos(progress)")),
+         "wrong LR during the decay"),
+        ("full cosine period", edit(("math.cos(math.pi * progress)", "math.cos(2 * math.pi * progress)")),
+         "wrong LR during the decay"),
+        ("warmup from min_lr", edit(("max_lr * step / warmup_steps", "min_lr + (max_lr - min_lr) * step / warmup_steps")),
+         "during warmup the LR rises linearly"),
+    ],
+    "linear-schedule": [
+        ("warmup off by one", edit(("max_lr * step / warmup_steps", "max_lr * (step + 1) / warmup_steps")),
+         "warmup is off by one: expected lr 0 at step 0"),
+        ("decays to 0, not min_lr", edit(("max_lr + (min_lr - max_lr) * progress", "max_lr * (1 - progress)")),
+         "ends at 0 instead of min_lr"),
+        ("decay starts at step 0", edit(("(step - warmup_steps) / (total_steps - warmup_steps)", "step / total_steps")),
+         "the decay must start at warmup_steps"),
+        ("no clamp past total_steps", edit(("    if step >= total_steps:\n        return min_lr\n", "")),
+         "past total_steps the LR stays at min_lr"),
+        ("divides by zero without warmup", edit(("if step < warmup_steps:", "if step <= warmup_steps:")),
+         "with warmup_steps=0 there is no warmup"),
+        ("decay length ignores warmup", edit(("/ (total_steps - warmup_steps)", "/ total_steps")),
+         "wrong LR during the decay"),
+        ("warmup reaches max_lr one step early", edit(("max_lr * step / warmup_steps",
+                                                       "max_lr * min(1, (step + 1) / warmup_steps)")),
+         "warmup is off by one"),
+    ],
+    "lr-finder": [
+        ("linear sweep, not exponential", edit(("start_lr * growth ** (i / (num_steps - 1))",
+                                                "start_lr + (end_lr - start_lr) * i / (num_steps - 1)")),
+         "the sweep must be exponential, not linear"),
+        ("sweep off by one", edit(("i / (num_steps - 1)", "i / num_steps")), "the sweep is off by one"),
+        ("NaN not detected", edit(("not math.isfinite(loss) or loss", "loss")),
+         "the loss became NaN and you kept going"),
+        ("never stops", edit(("            break\n", "            pass\n")), "you kept training after the loss diverged"),
+        ("suggests the LR at the minimum itself", edit(("lrs[lowest] / 10", "lrs[lowest]")), "suggest one tenth"),
+        ("stops before recording the diverged loss",
+         edit(("        lrs.append(lr)\n        losses.append(loss)\n", ""),
+              ("        best = min(best, loss)", "        lrs.append(lr)\n        losses.append(loss)\n"
+                                                  "        best = min(best, loss)")),
+         "lrs must list the learning rates you trained with"),
+        ("compares with the first loss, not the lowest",
+         edit(("best = min(best, loss)", "best = min(best, losses[0])")), "kept training after the loss diverged"),
+        ("suggested LR at the highest LR before divergence", edit(("lrs[lowest] / 10", "lrs[-2] / 10")),
+         "suggested_lr should be"),
+        ("stops at the first rise", edit(("loss > diverge_factor * best", "loss > best")), "stopped too early"),
+        ("suggested LR as a string", edit(("return lrs, losses, lrs[lowest] / 10",
+                                                           "return lrs, losses, str(lrs[lowest] / 10)")),
+         "suggested_lr must be a float"),
+    ],
+    "early-stopping": [
+        ("does not restore the best weights", edit(("        model.load_state_dict(best_weights)", "        pass")),
+         "ends with the weights of the last step"),
+        ("keeps state_dict() without copying", edit(("copy.deepcopy(model.state_dict())", "model.state_dict()")),
+         "Keep a real copy of the best weights"),
+        ("<= counts an equal loss as improvement", edit(("val_loss < best_val_loss", "val_loss <= best_val_loss")),
+         "an equal val loss is not an improvement"),
+        ("patience off by one (late)", edit(("evals_without_improvement == patience",
+                                             "evals_without_improvement > patience")),
+         "patience is off by one: you stopped one evaluation late"),
+        ("patience off by one (early)", edit(("evals_without_improvement == patience",
+                                              "evals_without_improvement >= patience - 1")),
+         "patience is off by one: you stopped one evaluation early"),
+        ("counter never reset", edit(("best_step, best_val_loss, evals_without_improvement = step, val_loss, 0",
+                                      "best_step, best_val_loss = step, val_loss")),
+         "reset the count of evaluations without improvement"),
+        ("loop from step 0", edit(("range(1, max_steps + 1)", "range(max_steps)")),
+         "evaluate after every eval_every"),
+        ("evaluates before training", edit(("        train_step()\n        if step % eval_every != 0:\n"
+                                            "            continue\n",
+                                            "        if (step - 1) % eval_every != 0:\n            train_step()\n"
+                                            "            continue\n        train_step()\n")),
+         "evaluated before training|evaluate after every"),
+        ("never stops early", edit(("                break\n", "                pass\n")),
+         "training never stopped early"),
+        ("returns the last val loss", edit(("return best_step, best_val_loss, history",
+                                            "return best_step, val_loss, history")),
+         "best_step, best_val_loss should be"),
+        ("history of losses only", edit(("history.append((step, val_loss))", "history.append(val_loss)")),
+         "history must be a list of \\(step, val_loss\\) pairs"),
+    ],
+}
+
+MUTANT_CASES = [pytest.param(slug, edits, message, id=f"{slug}: {name}")
+                for slug, mutants in MUTANTS.items() for name, edits, message in mutants]
+
+
+def mutate(source, edits):
+    for old, new in edits:
+        assert source.count(old) == 1, f"the mutant's edit no longer applies to the solution: {old!r}"
+        source = source.replace(old, new)
+    return source
+
+
+@pytest.mark.parametrize("slug, edits, message", MUTANT_CASES)
+def test_mutant_is_rejected(slug, edits, message):
+    answer = mutate(notebook_cells("solutions", slug)[1], edits)
+    candidate = load(slug, answer)
+    with pytest.raises(ExerciseFailed) as failure:
+        check(slug)(candidate)
+    if message is not None:
+        assert re.search(message, str(failure.value)), str(failure.value)
+
+
+def test_every_exercise_has_several_mutants():
+    assert set(MUTANTS) == set(EXERCISE)
+    assert all(len(mutants) >= 5 for mutants in MUTANTS.values())
+
+
+# ----------------------------------------------------------------------------------------
+# Candidates that raise, return nonsense or never return
+# ----------------------------------------------------------------------------------------
+
+def test_a_candidate_that_raises_gets_the_error_and_its_line():
+    def cross_entropy(logits, targets):
+        return logits.sum() / 0 + undefined_name  # noqa: F821
+
+    with pytest.raises(ExerciseFailed, match=r"cross_entropy raised NameError: .*undefined_name.*at line"):
+        checks.check_cross_entropy(cross_entropy)
+
+
+@pytest.mark.parametrize("returned, message", [
+    (None, "return a torch.Tensor"), ("2.3", "return a torch.Tensor"),
+    (torch.zeros(2, 3), "return a 0-dim tensor"), (torch.tensor(1), "floating-point"),
+])
+def test_a_candidate_with_the_wrong_return_type_or_shape(returned, message):
+    with pytest.raises(ExerciseFailed, match=message):
+        checks.check_cross_entropy(lambda logits, targets: returned)
+
+
+@pytest.mark.parametrize("check_name, candidate", [
+    ("check_cosine_schedule", lambda step, *args: [step]),
+    ("check_lr_finder", lambda train_step, **settings: None),
+    ("check_early_stopping", lambda model, train_step, evaluate, **settings: 3),
+    ("check_clip_grad_norm", lambda parameters, max_norm: "norm"),
+])
+def test_wrong_return_types_of_the_other_exercises(check_name, candidate):
+    with pytest.raises(ExerciseFailed, match="return|must be"):
+        getattr(checks, check_name)(candidate)
+
+
+def test_adamw_must_be_an_optimizer_class_written_by_the_learner():
+    with pytest.raises(ExerciseFailed, match="pass the class itself"):
+        checks.check_adamw(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]))
+    with pytest.raises(ExerciseFailed, match="write step\\(\\) yourself"):
+        checks.check_adamw(torch.optim.AdamW)
+
+
+def test_passing_a_call_instead_of_the_function_is_explained():
+    with pytest.raises(ExerciseFailed, match="pass your function itself"):
+        checks.check_linear_schedule(0.001)
+
+
+@pytest.mark.parametrize("check_name, candidate", [
+    ("check_cosine_schedule", "def cosine_lr(step, *args):\n    while True:\n        pass"),
+    ("check_lr_finder", "def lr_finder(train_step, **settings):\n    while True:\n        try:\n"
+                        "            train_step(1e-3)\n        except Exception:\n            pass"),
+    ("check_early_stopping", "def train(model, train_step, evaluate, **settings):\n    import time\n"
+                             "    time.sleep(60)"),
+])
+def test_a_candidate_that_never_returns_is_stopped(monkeypatch, check_name, candidate):
+    monkeypatch.setattr(checks, "TIME_LIMIT_S", 0.3)
+    namespace = {}
+    exec(candidate, namespace)
+    function = next(value for name, value in namespace.items() if not name.startswith("__"))
+    with pytest.raises(ExerciseFailed, match=r"did not finish within 0.3 s.*infinite loop"):
+        getattr(checks, check_name)(function)
+
+
+def test_check_messages_never_show_reference_code():
+    """A wrong answer's message names the mistake; it must not paste the reference source."""
+    wrong = load("lr-finder", mutate(notebook_cells("solutions", "lr-finder")[1], [("lrs[lowest] / 10", "1.0")]))
+    with pytest.raises(ExerciseFailed) as failure:
+        checks.check_lr_finder(wrong)
+    assert "def " not in str(failure.value) and "for i in range" not in str(failure.value)
