@@ -1,0 +1,482 @@
+"""Benchmarks of training.py on this machine, each figure a ratio against a baseline measured
+in the same run. Writes BENCHMARKS.md (tables, settings, versions) and PNG plots.
+
+    python benchmarks/run.py            # full run, about 14 minutes on a 2-core CPU -> benchmarks/
+    python benchmarks/run.py --quick    # smoke run, about 1 minute (tiny sizes) -> benchmarks/quick/
+
+A full run spends 8 of its minutes in section 5 (training for 1, 2 and 5 minutes) and the rest
+mostly compiling (section 3) and starting processes (section 4). Sections 1-5 use the shape and
+batch of TrainConfig's defaults, read when the script starts. Timings need a quiet machine:
+anything else running inflates them unevenly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import training  # noqa: E402
+from course import perf  # noqa: E402
+from m06_transformer import GPT, GPTConfig, create_gpt_tiny  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+SHAPE_FIELDS = ("context_length", "d_model", "n_layers", "n_heads", "d_ff", "dropout")
+# Sizes per mode. "model" is the GPT shape of the timed runs: in full mode it is filled in from
+# TrainConfig's defaults at run time (see main), so the benchmark follows any retuning.
+MODES = {
+    "full": dict(model=None, batch=None, overhead_rounds=3,
+                 trainer_steps=40, optimizer_repeats=30, step_repeats=8, compile=True,
+                 batches=None, contexts=None, scaling_steps=6,
+                 ddp_steps=30, budgets_min=[1, 2, 5], nanogpt_steps=100),
+    "quick": dict(model=dict(context_length=32, d_model=32, n_layers=2, n_heads=2, d_ff=64, dropout=0.0),
+                  batch=8, overhead_rounds=2, trainer_steps=8, optimizer_repeats=3, step_repeats=2, compile=False,
+                  batches=[4, 8], contexts=[16, 32], scaling_steps=2,
+                  ddp_steps=4, budgets_min=[0.05], nanogpt_steps=5),
+}
+# nanoGPT's CPU config from its README (shakespeare_char, --device=cpu): 4 layers, 4 heads,
+# 128 embedding, context 64, batch 12, no dropout. d_ff is nanoGPT's 4 x embedding.
+NANOGPT_SHAPE = dict(n_layers=4, n_heads=4, d_model=128, d_ff=512, context_length=64, dropout=0.0)
+NANOGPT_BATCH = 12
+EXPECTED_MINUTES = {"full": 14, "quick": 1
+}
+# Quoted in issue 6 for nanoGPT's train.py, CPU config, same plays, same machine class (not measured here).
+NANOGPT_QUOTED = dict(tokens_per_s=25_000, points=[(73, 1.875), (274, 1.603)])
+
+
+def fmt(x, digits=3):
+    return f"{x:,.{digits}g}" if abs(x) < 10 ** digits else f"{x:,.0f}"
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def hand_step(model, optimizer, data, batch, context, device, dtype, generator):
+    """One update of a minimal hand-written loop: batch, forward, F.cross_entropy, backward,
+    clip, step. Returns the loss tensor (not read back, so no device sync)."""
+    x, y = training.get_batch(data, batch, context, device, generator)
+    with training.autocast(device, dtype):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def make_model(vocab, device, seed=1337, **shape):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab, **shape)).to(device)
+
+
+# ---------------------------------------------------------------------------------------- 1
+def hand_loop_vs_trainer(shape, batch, steps, rounds, corpus, device, dtype, out_dir):
+    """Best tokens/s of the hand loop and of train() over `rounds` alternating runs of `steps`
+    updates each (same model, batch, dtype, optimizer). Alternating and keeping the best of
+    each side stops the first run's one-off costs and background load from favouring one."""
+    config = training.TrainConfig(out_dir=str(out_dir), batch_size=batch, max_steps=steps, warmup_steps=0,
+                                  eval_interval=steps, eval_batches=1, sample_chars=0, progress=False,
+                                  device=str(device), **shape)
+    hand, trainer = [], []
+    for _ in range(rounds):
+        model = make_model(corpus.tokenizer.vocab_size, device, **shape)
+        optimizer, _ = training.build_optimizer(model, config, device)
+        generator = torch.Generator().manual_seed(0)
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = hand_step(model, optimizer, corpus.train_ids, batch, shape["context_length"], device, dtype,
+                             generator)
+        loss.item()  # waits for the device
+        hand.append(steps * batch * shape["context_length"] / (time.perf_counter() - start))
+        result = training.train(config)
+        trainer.append(result.tokens_per_second)
+    return max(hand), max(trainer), result.optimizer_name
+
+
+def trainer_overhead(mode, corpus, device, dtype, workdir):
+    shape, batch, steps, rounds = mode["model"], mode["batch"], mode["trainer_steps"], mode["overhead_rounds"]
+    hand, trainer, optimizer_name = hand_loop_vs_trainer(shape, batch, steps, rounds, corpus, device, dtype,
+                                                         workdir / "overhead")
+    rows = [["minimal hand-written loop (baseline)", fmt(hand), "1.00"],
+            ["training.train()", fmt(trainer), f"{trainer / hand:.2f}"]]
+    text = (f"Same model, batch ({batch} x {shape['context_length']} tokens), dtype and optimizer "
+            f"({optimizer_name}); best of {rounds} alternating runs of {steps} updates each, first update "
+            "included. The hand loop uses F.cross_entropy and clip_grad_norm_; train() adds its own loss, LR "
+            "schedule, GradScaler bookkeeping and seeded per-micro-batch generators. Goal: ratio >= 0.95.\n\n")
+    return text + table(["loop", "tokens/s", "ratio"], rows), trainer / hand
+
+
+# ---------------------------------------------------------------------------------------- 2
+def optimizer_steps(mode, device):
+    variants = {
+        "training.AdamW, per-parameter loop": lambda ps: training.AdamW(ps, lr=1e-3),
+        "training.AdamW, multi-tensor": lambda ps: training.AdamW(ps, lr=1e-3, foreach=True),
+        "torch.optim.AdamW, for-loop": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False),
+        "torch.optim.AdamW, foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+        "torch.optim.AdamW, fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+    }
+    model = create_gpt_tiny(vocab_size=100).to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    params = list(model.parameters())
+    times = {}
+    for name, build in variants.items():
+        try:
+            optimizer = build(params)
+            times[name] = perf.time_call(optimizer.step, device, warmup=3, repeats=mode["optimizer_repeats"])
+        except (RuntimeError, ValueError) as error:  # fused needs a device that has the kernel
+            times[name] = None
+            print(f"  {name}: not available here ({str(error).splitlines()[0]})")
+    base = times["torch.optim.AdamW, foreach"]
+    rows = [[name, "n/a" if t is None else f"{t * 1e3:.2f}", "n/a" if t is None else f"{t / base:.2f}"]
+            for name, t in times.items()]
+    text = (f"One AdamW step over the tiny GPT's {sum(p.numel() for p in params):,} parameters in "
+            f"{len(params)} tensors (random gradients), median of {mode['optimizer_repeats']}. Ratio = time / "
+            "PyTorch foreach time (lower is faster). Goal: our multi-tensor within 1.2x of PyTorch foreach.\n\n")
+    return text + table(["optimizer", "ms per step", "time ratio vs torch foreach"], rows), times
+
+
+# ---------------------------------------------------------------------------------------- 3
+def speedups(mode, corpus, device, workdir):
+    shape, batch = mode["model"], mode["batch"]
+    low = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+    variants = [("eager fp32 (baseline)", False, torch.float32), (f"eager {low} autocast", False, low)]
+    if mode["compile"]:
+        variants += [("torch.compile fp32", True, torch.float32), (f"torch.compile {low} autocast", True, low)]
+    results = {}
+    for name, compiled, dtype in variants:
+        if dtype == torch.float16:  # fp16 would need a GradScaler; the hand loop has none
+            continue
+        model = make_model(corpus.tokenizer.vocab_size, device, **shape)
+        optimizer, _ = training.build_optimizer(model, training.TrainConfig(**shape), device)
+        step_model = torch.compile(model) if compiled else model
+        generator = torch.Generator().manual_seed(0)
+        start = time.perf_counter()
+        seconds = perf.time_call(lambda: hand_step(step_model, optimizer, corpus.train_ids, batch,
+                                                   shape["context_length"], device, dtype, generator),
+                                 device, warmup=3, repeats=mode["step_repeats"])
+        warmup_seconds = time.perf_counter() - start - seconds * mode["step_repeats"]
+        results[name] = (batch * shape["context_length"] / seconds, warmup_seconds)
+    base = results["eager fp32 (baseline)"][0]
+    rows = [[name, fmt(tps), f"{tps / base:.2f}", f"{warm:.1f}"] for name, (tps, warm) in results.items()]
+    text = (f"Training updates (hand loop, batch {batch} x {shape['context_length']}), median of "
+            f"{mode['step_repeats']} after 3 warm-up updates (which include compiling)."
+            + ("" if mode["compile"] else " torch.compile is skipped in --quick: compiling takes 20-60 s on a CPU.")
+            + "\n\n")
+    return text + table(["variant", "tokens/s", "speed-up", "warm-up s"], rows), results
+
+
+# ---------------------------------------------------------------------------------------- 4
+def reset_cpu_peak():
+    """Start a new peak-memory window; return the resident set now, in bytes.
+
+    On Linux, writing 5 to /proc/self/clear_refs resets the peak resident set (VmHWM) to the
+    current one, so the peak after this call is what the work since needed, not what importing
+    torch once touched. Elsewhere the peak cannot be reset: fall back to ru_maxrss."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return cpu_peak()
+    except OSError:
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def cpu_peak():
+    """Peak resident set in bytes (VmHWM on Linux, ru_maxrss elsewhere)."""
+    try:
+        line = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        scale = 1 if sys.platform == "darwin" else 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def scaling_worker(spec):
+    """Run in a fresh process: tokens/s and peak training memory of one (batch, context) point."""
+    device, vocab = training.pick_device(spec["device"]), 78
+    shape = {**spec["model"], "context_length": spec["context"]}
+    data = torch.randint(vocab, (200_000,), generator=torch.Generator().manual_seed(0))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:  # no corpus is loaded in this process, so the model's training is all that grows
+        before = reset_cpu_peak()
+    model = make_model(vocab, device, **shape)
+    optimizer, _ = training.build_optimizer(model, training.TrainConfig(**shape), device)
+    generator = torch.Generator().manual_seed(0)
+    seconds = perf.time_call(lambda: hand_step(model, optimizer, data, spec["batch"], spec["context"], device,
+                                               torch.float32, generator),
+                             device, warmup=1, repeats=spec["steps"])
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+    elif device.type == "cpu":
+        peak = (cpu_peak() - before) / 2 ** 20
+    else:
+        peak = float("nan")
+    print(json.dumps({"tokens_per_s": spec["batch"] * spec["context"] / seconds, "peak_mib": peak}))
+
+
+def scaling(mode, device):
+    points = {}
+
+    def point(batch, context):
+        if (batch, context) in points:  # the default point is in both sweeps
+            return points[batch, context]
+        spec = dict(device=str(device), model=mode["model"], batch=batch, context=context, steps=mode["scaling_steps"])
+        done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                              text=True, check=True)
+        points[batch, context] = json.loads(done.stdout.strip().splitlines()[-1])
+        return points[batch, context]
+
+    default_context, default_batch = mode["model"]["context_length"], mode["batch"]
+    by_batch = {b: point(b, default_context) for b in mode["batches"]}
+    by_context = {t: point(default_batch, t) for t in mode["contexts"]}
+    parts, memory_kind = [], ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
+                              "peak resident set of a fresh process per point, counted from just before the model is "
+                              "built (Linux VmHWM reset through /proc/self/clear_refs)")
+    for label, results in (("batch size", by_batch), ("context length", by_context)):
+        first = next(iter(results.values()))
+        rows = [[key, fmt(r["tokens_per_s"]), f"{r['tokens_per_s'] / first['tokens_per_s']:.2f}",
+                 f"{r['peak_mib']:.1f}", f"{r['peak_mib'] / first['peak_mib']:.2f}" if first["peak_mib"] > 0 else "n/a"]
+                for key, r in results.items()]
+        parts.append(f"**By {label}** (the other fixed at {default_context if label == 'batch size' else default_batch}; "
+                     f"ratios vs the first row)\n\n" + table([label, "tokens/s", "ratio", "peak MiB", "ratio"], rows))
+    text = (f"fp32 training updates of the model above, median of {mode['scaling_steps']}; memory: {memory_kind} "
+            "(weights, gradients, AdamW state and activations).\n\n")
+    return text + "\n\n".join(parts), by_batch, by_context
+
+
+def ddp_scaling(mode, workdir):
+    shape, steps = mode["model"], mode["ddp_steps"]
+    args = [training.__file__, "--max-steps", str(steps), "--warmup-steps", "0", "--eval-interval", str(steps),
+            "--eval-batches", "1", "--sample-chars", "0", "--no-progress", "--batch-size", str(mode["batch"]),
+            "--device", "cpu"] + [f"--{k.replace('_', '-')}={v}" for k, v in shape.items()]
+
+    def tokens_per_s(launcher, name):
+        done = subprocess.run([sys.executable, *launcher, *args, "--out-dir", str(workdir / name)],
+                              capture_output=True, text=True, check=True)
+        return float(re.search(r"([\d,]+) tokens/s", done.stdout).group(1).replace(",", ""))
+
+    one = tokens_per_s([], "ddp1")
+    two = tokens_per_s(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], "ddp2")
+    rows = [["1 process (baseline)", fmt(one), "1.00"], ["2 processes (torchrun, gloo)", fmt(two), f"{two / one:.2f}"]]
+    text = (f"training.py on the CPU, batch {mode['batch']} per process (so 2 processes train on twice the tokens "
+            f"per update), {steps} updates. One process uses all {os.cpu_count()} cores' threads; torchrun gives "
+            "each worker one thread, so on a machine with few cores this shows what DDP's all-reduce costs, "
+            "not extra hardware.\n\n")
+    return text + table(["run", "tokens/s (all processes)", "ratio"], rows), two / one
+
+
+# ---------------------------------------------------------------------------------------- 5
+def quality_per_time(mode, device, workdir):
+    """Val loss of the default training.py config after each time budget.
+
+    train() has no wall-clock limit, so each budget gets max_steps = budget x measured
+    updates/s (a cosine schedule that ends when the time is up); the real elapsed time
+    (evaluations included) is reported next to the budget.
+    """
+    quick = mode is MODES["quick"]
+    shape = dict(mode["model"], batch_size=mode["batch"], eval_batches=2) if quick else {}
+    probe_steps = mode["trainer_steps"]
+    probe = training.train(training.TrainConfig(**{**shape, "eval_batches": 1}, out_dir=str(workdir / "probe"),
+                                                max_steps=probe_steps, warmup_steps=0, eval_interval=probe_steps,
+                                                sample_chars=0, progress=False))
+    defaults = training.TrainConfig(**shape)
+    updates_per_s = probe.tokens_per_second / (defaults.batch_size * defaults.context_length)
+    rows, curve = [], []
+    for minutes in mode["budgets_min"]:
+        steps = max(int(minutes * 60 * updates_per_s * 0.93), 10)  # ~7% of the time goes to evaluations
+        config = training.TrainConfig(**shape, out_dir=str(workdir / f"budget{minutes}"), max_steps=steps,
+                                      warmup_steps=min(defaults.warmup_steps, steps // 10), decay_steps=0,
+                                      eval_interval=min(defaults.eval_interval, steps), sample_chars=0,
+                                      progress=False)
+        start = time.perf_counter()
+        result = training.train(config)
+        elapsed = time.perf_counter() - start
+        rows.append([f"{minutes:g}", f"{elapsed / 60:.2f}", steps, f"{result.best_val_loss:.3f}"])
+        curve.append((elapsed / 60, result.best_val_loss))
+    quoted = ", ".join(f"val {v} after {s // 60} m {s % 60:02d} s" for s, v in NANOGPT_QUOTED["points"])
+    text = (f"`python training.py` settings{' (quick mode: tiny model)' if quick else ''}, one run per budget with "
+            f"max_steps = budget x {updates_per_s:.2f} updates/s measured first (train() has no time limit option) "
+            "and the LR schedule ending there (decay_steps=0; warmup at most a tenth of the run), as nanoGPT's "
+            "quoted runs set max_iters = lr_decay_iters. "
+            "Elapsed = wall time of train() including evaluations. Goal: val loss <= 1.45 at 5 minutes. For scale "
+            f"(quoted in issue 6, not measured here): nanoGPT's CPU config reaches {quoted}.\n\n")
+    return text + table(["budget (min)", "elapsed (min)", "updates", "best val loss"], rows), curve
+
+
+def nanogpt_shape(mode, corpus, workdir):
+    steps, rounds, device = mode["nanogpt_steps"], mode["overhead_rounds"], torch.device("cpu")
+    hand, trainer, optimizer_name = hand_loop_vs_trainer(NANOGPT_SHAPE, NANOGPT_BATCH, steps, rounds, corpus,
+                                                         device, torch.float32, workdir / "nanogpt")
+    quoted = NANOGPT_QUOTED["tokens_per_s"]
+    rows = [["minimal hand-written loop (baseline)", fmt(hand), "1.00", f"{hand / quoted:.2f}"],
+            ["training.train()", fmt(trainer), f"{trainer / hand:.2f}", f"{trainer / quoted:.2f}"]]
+    text = (f"nanoGPT's CPU config: 4 layers, 4 heads, 128 embedding, context 64, batch {NANOGPT_BATCH}, no "
+            f"dropout, fp32 on the CPU, {optimizer_name}; best of {rounds} alternating runs of {steps} updates. "
+            "(nanoGPT's model has no biases; ours has, ~1% more parameters.) The last column divides by the "
+            f"{quoted:,} tokens/s quoted in issue 6 for nanoGPT's train.py on this machine class: not measured "
+            "here, so only as good as the two machines are alike. Goal: >= 1.\n\n")
+    return text + table(["loop", "tokens/s", "ratio", "vs nanoGPT (quoted)"], rows), trainer
+
+
+# ---------------------------------------------------------------------------------------- 6
+def gpu_section(workdir):
+    if not torch.cuda.is_available():
+        return ("No GPU in this run (torch.cuda.is_available() is False on this machine), so this section "
+                "was not run and shows no numbers. Run the same command on a CUDA machine to fill it in."), None
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    shape = dict(context_length=1024, d_model=768, n_layers=12, n_heads=12, d_ff=3072)  # GPT-2 small
+    batch, vocab = 8, 50304
+    model = make_model(vocab, device, **shape)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    step_model = torch.compile(model)
+    data = torch.randint(vocab, (10_000_000,), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    seconds = perf.time_call(lambda: hand_step(step_model, optimizer, data, batch, 1024, device, torch.bfloat16,
+                                               generator), device, warmup=3, repeats=10)
+    tokens_per_s = batch * 1024 / seconds
+    peak = perf.measure_matmul_flops(device, torch.bfloat16, size=8192)
+    utilisation = perf.mfu(tokens_per_s, perf.training_flops_per_token(model), peak)
+    rows = [[torch.cuda.get_device_name(device), f"{model.num_parameters():,}", fmt(tokens_per_s),
+             f"{peak / 1e12:.0f}", f"{utilisation:.1%}"]]
+    text = ("GPT-2-small-sized model (12 layers, 768 wide, context 1024, vocab 50,304), batch 8, bf16 autocast, "
+            "torch.compile, fused AdamW. MFU = tokens/s x training FLOPs per token / the measured bf16 matmul "
+            "FLOP/s (8192^2 matmul), not the spec-sheet peak.\n\n")
+    return text + table(["GPU", "parameters", "tokens/s", "measured peak TFLOP/s", "MFU"], rows), utilisation
+
+
+# ----------------------------------------------------------------------------------------
+def plots(out_dir, optimizer_times, speedup_results, by_batch, by_context, curve):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    names = [n for n, t in optimizer_times.items() if t is not None]
+    base = optimizer_times["torch.optim.AdamW, foreach"]
+    axes[0].barh(names, [optimizer_times[n] / base for n in names], color="tab:blue")
+    axes[0].axvline(1.0, color="gray", lw=1)
+    axes[0].set_xlabel("step time / torch foreach time")
+    axes[0].set_title("AdamW step, tiny GPT")
+    base = speedup_results["eager fp32 (baseline)"][0]
+    axes[1].barh(list(speedup_results), [tps / base for tps, _ in speedup_results.values()], color="tab:green")
+    axes[1].axvline(1.0, color="gray", lw=1)
+    axes[1].set_xlabel("tokens/s / eager fp32 tokens/s")
+    axes[1].set_title("compile and autocast")
+    fig.tight_layout()
+    fig.savefig(out_dir / "speed.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, results, label in ((axes[0], by_batch, "batch size"), (axes[1], by_context, "context length")):
+        first = next(iter(results.values()))
+        keys = list(results)
+        ax.plot(keys, [results[k]["tokens_per_s"] / first["tokens_per_s"] for k in keys], "o-", label="tokens/s")
+        if first["peak_mib"] > 0:
+            ax.plot(keys, [results[k]["peak_mib"] / first["peak_mib"] for k in keys], "s--", label="peak memory")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"ratio vs {label} {keys[0]}")
+        ax.legend()
+    minutes, losses = zip(*curve)
+    axes[2].plot(minutes, losses, "o-", label="training.py (this machine)")
+    axes[2].plot([s / 60 for s, _ in NANOGPT_QUOTED["points"]], [v for _, v in NANOGPT_QUOTED["points"]], "x--",
+                 color="gray", label="nanoGPT (quoted in issue 6)")
+    axes[2].set_xlabel("wall time (minutes)")
+    axes[2].set_ylabel("val loss")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "scaling.png", dpi=110)
+    plt.close(fig)
+
+
+def environment(device, mode_name):
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    rows = [["date (UTC)", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")],
+            ["command", "`python benchmarks/run.py" + (" --quick`" if mode_name == "quick" else "`")],
+            ["device", f"{device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")],
+            ["CPU", f"{cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"],
+            ["versions", f"python {platform.python_version()}, torch {torch.__version__}, {platform.platform()}"],
+            ["load average at start", " ".join(f"{x:.2f}" for x in os.getloadavg())]]
+    return table(["", ""], rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, < 1 minute: checks the script runs")
+    parser.add_argument("--out-dir", help="where BENCHMARKS.md and the plots go (default benchmarks/, "
+                                          "or benchmarks/quick/ with --quick)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return scaling_worker(json.loads(args.worker))
+    mode_name = "quick" if args.quick else "full"
+    mode = MODES[mode_name]
+    if mode_name == "full":  # the shape and batch of `python training.py`, as TrainConfig says today
+        defaults = training.TrainConfig()
+        batch, context = defaults.batch_size, defaults.context_length
+        mode.update(model={k: getattr(defaults, k) for k in SHAPE_FIELDS}, batch=batch,
+                    batches=[max(batch // 4, 1), max(batch // 2, 1), batch, 2 * batch],
+                    contexts=[max(context // 4, 1), max(context // 2, 1), context, 2 * context])
+    print(f"{mode_name} run: expect about {EXPECTED_MINUTES[mode_name]} minute(s) on a quiet 2-core CPU", flush=True)
+    out_dir = Path(args.out_dir) if args.out_dir else HERE / ("quick" if args.quick else "")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = training.pick_device()
+    dtype = training.resolve_dtype("auto", device)
+    corpus = training.load_corpus()
+    started = time.perf_counter()
+    sections = [f"# Benchmarks ({mode_name} mode)\n\nEvery ratio compares against a baseline measured in the "
+                f"same run. Reproduce with the command below on a quiet machine.\n\n" + environment(device, mode_name),
+                "Model shape of sections 1-4 (TrainConfig's defaults in a full run): " + ", ".join(f"{k}={v}" for k, v in mode["model"].items())
+                + f", batch {mode['batch']}, autocast dtype {dtype}."]
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        steps = [("1. Trainer overhead", lambda: trainer_overhead(mode, corpus, device, dtype, workdir)),
+                 ("2. Optimizer step", lambda: optimizer_steps(mode, device)),
+                 ("3. torch.compile and autocast", lambda: speedups(mode, corpus, device, workdir)),
+                 ("4. Scaling: batch size and context length", lambda: scaling(mode, device)),
+                 ("4b. Data parallel: 1 vs 2 processes", lambda: ddp_scaling(mode, workdir)),
+                 ("5. Quality per time", lambda: quality_per_time(mode, device, workdir)),
+                 ("5b. nanoGPT's CPU shape", lambda: nanogpt_shape(mode, corpus, workdir)),
+                 ("6. GPU: GPT-2-small in bf16 with torch.compile", lambda: gpu_section(workdir))]
+        results = {}
+        for title, run in steps:
+            print(f"== {title} ...", flush=True)
+            section_start = time.perf_counter()
+            text, *values = run()
+            results[title] = values
+            sections.append(f"## {title}\n\n{text}\n\n_({time.perf_counter() - section_start:.0f} s)_")
+            print(sections[-1], "\n", flush=True)
+    curve = results["5. Quality per time"][0]
+    plots(out_dir, results["2. Optimizer step"][0], results["3. torch.compile and autocast"][0],
+          results["4. Scaling: batch size and context length"][0], results["4. Scaling: batch size and context length"][1],
+          curve)
+    sections.append(f"![speed](speed.png)\n\n![scaling and quality per time](scaling.png)\n\n"
+                    f"Total run time: {(time.perf_counter() - started) / 60:.1f} minutes.")
+    (out_dir / "BENCHMARKS.md").write_text("\n\n".join(sections) + "\n")
+    print(f"wrote {out_dir / 'BENCHMARKS.md'}, {out_dir / 'speed.png'}, {out_dir / 'scaling.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
