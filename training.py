@@ -1101,6 +1101,7 @@ def train(config: TrainConfig) -> TrainResult:
 # ----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI's parser: one --flag per TrainConfig field, with its default, help and choices."""
     parser = argparse.ArgumentParser(
         description="Train the tiny GPT on a character-level corpus, then print a sample.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1126,6 +1127,7 @@ def sample_text(model: nn.Module, tokenizer: CharTokenizer, chars: int, *, promp
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python training.py [flags]`: train, print the summary and a sample; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

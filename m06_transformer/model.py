@@ -88,6 +88,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """A decoder-only transformer: token + learned position embeddings, `n_layers` pre-LayerNorm
+    blocks (causal self-attention, GELU MLP), a final LayerNorm and an LM head tied to the token
+    embedding. forward(idx LongTensor[B, T]) -> logits FloatTensor[B, T, vocab_size]."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
