@@ -36,8 +36,9 @@ from exercises.catalog import BY_SLUG, EXERCISES, Exercise
 
 __all__ = ["Grade", "answer_cells", "find_notebooks", "identify", "grade_notebook", "grade_paths", "main"]
 
-CELL_TIMEOUT_S = 120.0  # per learner cell (kernel start and imports included); the check's cell gets the same
-CALL_TIMEOUT_S = 20.0   # per call of the candidate inside the check (exercises.checks.TIME_LIMIT_S)
+CELL_TIMEOUT_S = 120.0   # per learner cell
+CALL_TIMEOUT_S = 20.0    # per call of the candidate inside the check (exercises.checks.TIME_LIMIT_S)
+CHECK_TIMEOUT_S = 600.0  # for the grader's own cells: importing torch, then the whole check
 
 
 @dataclass
@@ -94,11 +95,14 @@ def answer_cells(notebook, exercise):
     return [(number, cell.source) for number, cell in code[:defining[-1] + 1] if not _is_check_cell(cell)]
 
 
+# Runs in the learner's kernel before their cells: the slow imports (torch) happen here, under
+# CHECK_TIMEOUT_S, so that --cell-timeout can stay short. Only the check's message leaves the kernel.
+_PRELUDE = "from exercises import checks as _grader_checks"
+
+
 def _grading_source(exercise, marker, call_timeout):
-    # Runs in the learner's kernel. Only the check's message leaves it: never any reference code.
     return f"""\
 import json as _grader_json
-from exercises import checks as _grader_checks
 _grader_checks.TIME_LIMIT_S = {call_timeout!r}
 if {exercise.candidate!r} not in globals():
     _grader_result = (False, "`{exercise.candidate}` is not defined after running the notebook")
@@ -122,7 +126,8 @@ def _first_error(cells):
     return None
 
 
-def grade_notebook(path, *, cell_timeout=CELL_TIMEOUT_S, call_timeout=CALL_TIMEOUT_S, learner=None):
+def grade_notebook(path, *, cell_timeout=CELL_TIMEOUT_S, call_timeout=CALL_TIMEOUT_S,
+                   check_timeout=CHECK_TIMEOUT_S, learner=None):
     """Run one learner notebook in a fresh kernel and check its candidate; returns a Grade."""
     path = Path(path)
     started = time.monotonic()
@@ -144,32 +149,35 @@ def grade_notebook(path, *, cell_timeout=CELL_TIMEOUT_S, call_timeout=CALL_TIMEO
     if cells is None:
         return result(exercise, False, f"no cell defines `{exercise.candidate}`: the answer cell is missing "
                                        f"or renamed")
-    marker = f"GRADE-{secrets.token_hex(8)}:"
-    sources = [source for _, source in cells] + [_grading_source(exercise, marker, call_timeout)]
+    marker = f"GRADE-{secrets.token_hex(8)}:"  # a learner's print cannot forge a result line
+    sources = [_PRELUDE] + [source for _, source in cells] + [_grading_source(exercise, marker, call_timeout)]
     run = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in sources],
                                    metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                             "language": "python"}})
-    running = []  # index into run.cells of the cell being executed, for the reason of a timeout/crash
-    client = NotebookClient(run, timeout=cell_timeout, kernel_name="python3", allow_errors=True,
-                            resources={"metadata": {"path": str(path.parent.resolve())}},
-                            on_cell_execute=lambda cell, cell_index: running.append(cell_index))
+    prelude, *learner_cells, grading_cell = run.cells
+    running = []  # index into run.cells of the cell being executed, to say where a timeout or crash happened
 
     def where():
-        if running and running[-1] < len(cells):
-            return f" (in cell {cells[running[-1]][0]})"
+        if running and 1 <= running[-1] <= len(cells):
+            return f" (in cell {cells[running[-1] - 1][0]})"
         return " (while checking your answer)"
 
+    def timeout(cell):
+        return cell_timeout if any(cell is learner_cell for learner_cell in learner_cells) else check_timeout
+
+    client = NotebookClient(run, kernel_name="python3", allow_errors=True, timeout_func=timeout,
+                            resources={"metadata": {"path": str(path.parent.resolve())}},
+                            on_cell_execute=lambda cell, cell_index: running.append(cell_index))
     try:
         client.execute()
     except CellTimeoutError:
-        return result(exercise, False, f"a cell ran longer than {cell_timeout:g} s (an infinite loop?)"
-                                       f"{where()}")
+        limit = cell_timeout if 1 <= running[-1] <= len(cells) else check_timeout
+        return result(exercise, False, f"a cell ran longer than {limit:g} s (an infinite loop?){where()}")
     except DeadKernelError:
         return result(exercise, False, f"the kernel died (the notebook crashed Python or ran out of memory)"
                                        f"{where()}")
-    except Exception as error:  # a kernel that cannot start, a broken cell source, ...
+    except Exception as error:  # a kernel that cannot start, ...
         return result(exercise, False, f"the notebook could not be run: {type(error).__name__}: {error}")
-    *learner_cells, grading_cell = run.cells
     for output in grading_cell.get("outputs", []):
         for line in output.get("text", "").splitlines():
             if line.startswith(marker):
@@ -178,8 +186,8 @@ def grade_notebook(path, *, cell_timeout=CELL_TIMEOUT_S, call_timeout=CALL_TIMEO
                 if not passed and error and "is not defined" in reason:
                     reason = f"{reason}: {error}"
                 return result(exercise, passed, reason)
-    return result(exercise, False, "the check did not report a result: "
-                                   + (_first_error([("of the grader", grading_cell)]) or "no output"))
+    error = _first_error([("of the grader's prelude", prelude), ("of the grader", grading_cell)])
+    return result(exercise, False, "the check did not report a result: " + (error or "no output"))
 
 
 def grade_paths(paths, *, jobs=1, **options):
@@ -227,10 +235,13 @@ def main(argv=None):
     parser.add_argument("--call-timeout", type=float, default=CALL_TIMEOUT_S,
                         help=f"seconds each call of the candidate may run inside the check "
                              f"(default {CALL_TIMEOUT_S:g})")
+    parser.add_argument("--check-timeout", type=float, default=CHECK_TIMEOUT_S,
+                        help=f"seconds for the grader's own cells: importing torch, then the whole check "
+                             f"(default {CHECK_TIMEOUT_S:g})")
     parser.add_argument("--jobs", type=int, default=1, help="notebooks graded at once (default 1)")
     args = parser.parse_args(argv)
-    if args.cell_timeout <= 0 or args.call_timeout <= 0 or args.jobs < 1:
-        parser.error("--cell-timeout and --call-timeout must be positive, --jobs at least 1")
+    if min(args.cell_timeout, args.call_timeout, args.check_timeout) <= 0 or args.jobs < 1:
+        parser.error("the timeouts must be positive, --jobs at least 1")
     try:
         notebooks = find_notebooks(args.paths)
     except FileNotFoundError as error:
@@ -241,7 +252,7 @@ def main(argv=None):
         return 2
     print(f"grading {len(notebooks)} notebook(s) ...", file=sys.stderr, flush=True)
     grades = grade_paths(notebooks, jobs=args.jobs, cell_timeout=args.cell_timeout,
-                         call_timeout=args.call_timeout)
+                         call_timeout=args.call_timeout, check_timeout=args.check_timeout)
     _write(grades, args.out)
     print(_table(grades))
     print(f"\n{sum(g.score for g in grades)}/{len(grades)} passed; wrote {args.out / 'grades.csv'} and "
