@@ -87,12 +87,13 @@ def _is_check_cell(cell):
 
 def answer_cells(notebook, exercise):
     """(cell number, source) of the code cells up to the last one that defines the candidate, without
-    the learner's own check calls; None when no cell defines it."""
+    the learner's own check cells (a cell that defines the candidate stays); None when none defines it."""
     code = [(number, cell) for number, cell in enumerate(notebook.cells, start=1) if cell.cell_type == "code"]
     defining = [i for i, (_, cell) in enumerate(code) if _defines(cell.source, exercise.candidate)]
     if not defining:
         return None
-    return [(number, cell.source) for number, cell in code[:defining[-1] + 1] if not _is_check_cell(cell)]
+    return [(number, cell.source) for number, cell in code[:defining[-1] + 1]
+            if _defines(cell.source, exercise.candidate) or not _is_check_cell(cell)]
 
 
 # Runs in the learner's kernel before their cells: the slow imports (torch) happen here, under

@@ -88,6 +88,7 @@ def relative(row, root):
     return Path(row["notebook"]).relative_to(root).as_posix()
 
 
+@pytest.mark.slow  # shares one grading run: 8 kernels, ~30 s
 def test_scores_and_reasons_in_the_csv(graded):
     _, root, out, _ = graded
     with open(out / "grades.csv", newline="", encoding="utf-8") as file:
@@ -100,6 +101,7 @@ def test_scores_and_reasons_in_the_csv(graded):
         assert (row["reason"] == "") == (score == 1)
 
 
+@pytest.mark.slow  # shares one grading run: 8 kernels, ~30 s
 def test_json_has_the_same_grades_and_per_learner_totals(graded):
     _, root, out, _ = graded
     report = json.loads((out / "grades.json").read_text(encoding="utf-8"))
@@ -108,6 +110,7 @@ def test_json_has_the_same_grades_and_per_learner_totals(graded):
     assert report["totals"] == {"alice": 2, "bob": 0, "carol": 0, "dave": 0}
 
 
+@pytest.mark.slow  # shares one grading run: 8 kernels, ~30 s
 def test_exit_status_and_printed_table(graded):
     status, _, _, stdout = graded
     assert status == 1  # some submissions scored 0
@@ -128,3 +131,16 @@ def test_every_solution_notebook_is_recognised():
         exercise = grade.identify(notebook, path)
         assert exercise is not None and exercise.notebook == path.name
         assert grade.answer_cells(notebook, exercise) is not None
+
+
+def test_answer_cells_skip_the_check_cell_but_keep_an_answer_that_calls_it():
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("# task"),
+        nbformat.v4.new_code_cell("import math"),
+        nbformat.v4.new_code_cell("def cosine_lr(*args):\n    return 0.0\n\ncheck_cosine_schedule(cosine_lr)"),
+        nbformat.v4.new_code_cell("check_cosine_schedule(cosine_lr)"),
+        nbformat.v4.new_code_cell("plot(cosine_lr)"),
+    ])
+    exercise = grade.identify(notebook, "submission.ipynb")
+    assert exercise.slug == "cosine-schedule"  # found from the function it defines
+    assert [number for number, _ in grade.answer_cells(notebook, exercise)] == [2, 3]
