@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import training
+from course import colab
 from exercises import _reference, checks
 from exercises.catalog import EXERCISES
 from exercises.checks import ExerciseFailed
@@ -76,6 +77,21 @@ def test_stub_and_solution_share_the_candidate_signature(slug):
     solution_answer = notebook_cells("solutions", slug)[1]
     signature = re.compile(rf"^(def|class) {EXERCISE[slug].candidate}\b.*?:$", re.MULTILINE | re.DOTALL)
     assert signature.search(stub_answer).group(0) == signature.search(solution_answer).group(0)
+
+
+@pytest.mark.parametrize("exercise", EXERCISES, ids=lambda exercise: exercise.slug)
+def test_stub_notebook_layout(exercise):
+    """Badge and Colab set-up cell first, the task, the answer and check cells, and no stored outputs."""
+    notebook = nbformat.read(ROOT / "exercises" / exercise.notebook, as_version=4)
+    assert notebook.metadata["exercise"]["slug"] == exercise.slug
+    assert "Open In Colab" in notebook.cells[0].source
+    assert notebook.cells[1].source.startswith(colab.SETUP_MARKER)
+    tags = [cell.metadata.get("tags", []) for cell in notebook.cells]
+    assert tags.count(["answer"]) == 1 and tags.count(["check"]) == 1
+    check_cell = notebook.cells[tags.index(["check"])]
+    assert f"{exercise.check}({exercise.candidate})" in check_cell.source
+    assert all(not cell.outputs and cell.execution_count is None
+               for cell in notebook.cells if cell.cell_type == "code")
 
 
 # ----------------------------------------------------------------------------------------
