@@ -32,7 +32,7 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
-from exercises.catalog import BY_SLUG, EXERCISES, Exercise
+from exercises.catalog import BY_SLUG, EXERCISES
 
 __all__ = ["Grade", "answer_cells", "find_notebooks", "identify", "grade_notebook", "grade_paths", "main"]
 
