@@ -1,12 +1,17 @@
 """Lesson 03's Observable JS explorer, run in a real browser (Debian's chromium, headless).
 
-The page (harness.html) runs the explorer's OJS source exactly as stored in the notebook, with the
-Observable parser, runtime, stdlib, Inputs and Plot from tests/browser/node_modules (pinned in
-package-lock.json; `bash tests/browser/setup.sh` installs them and chromium). Its data is the
-notebook's stored `ojs_define` output, read the way Quarto's page reads it. The repository root is
-served over loopback (the OJS runtime refuses file:// pages) and the OJS imports resolve against
-the address the rendered lesson will have, lessons/03-lr-schedules.html, so `../site/schedule.js`
-must be where the site puts it. No request may leave the loopback server.
+By default the page is harness.html: it runs the explorer's OJS source exactly as stored in the
+notebook, with the Observable parser, runtime, stdlib, Inputs and Plot from
+tests/browser/node_modules (pinned in package-lock.json; `bash tests/browser/setup.sh` installs
+them and chromium), fed with the notebook's stored `ojs_define` output, read the way Quarto's page
+reads it. The repository root is served over loopback (the OJS runtime refuses file:// pages) and
+the OJS imports resolve against the address the rendered lesson will have,
+lessons/03-lr-schedules.html, so `../site/schedule.js` must be where the site puts it. No request
+may leave the loopback server.
+
+With RENDERED_SITE=DIR (the site workflow, after `quarto render`), the same checks run on
+DIR/lessons/03-lr-schedules.html as Quarto rendered it, with Quarto's own OJS runtime (which loads
+Plot and Inputs from its CDN, so requests may leave loopback there).
 
 The test drags a slider with the mouse and reads the plotted curve back from the SVG (path
 vertices mapped through the plot's own scales): it must change, and match training.cosine_lr.
@@ -15,6 +20,7 @@ import functools
 import http.server
 import json
 import math
+import os
 import re
 import threading
 from pathlib import Path
@@ -29,6 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 LESSON = REPO / "lessons" / "03-lr-schedules.ipynb"
 LESSON_PAGE = "lessons/03-lr-schedules.html"  # where Quarto renders the lesson
+RENDERED_SITE = os.environ.get("RENDERED_SITE")  # a `quarto render` output folder, or None
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = HERE / "artifacts"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -36,7 +43,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists() or not (HERE / "node_modules").is_dir(),
+    pytest.mark.skipif(not Path(CHROMIUM).exists() or not (RENDERED_SITE or (HERE / "node_modules").is_dir()),
                        reason="needs chromium and tests/browser/node_modules: run `bash tests/browser/setup.sh`"),
 ]
 
@@ -63,14 +70,21 @@ def stored_ojs_define_html():
     return "\n".join(html)
 
 
+def published_settings():
+    """The explorer's starting settings, as the notebook published them with ojs_define."""
+    payload = json.loads(re.search(r"<script[^>]*>(.*?)</script>", stored_ojs_define_html(), re.S)[1])
+    return {item["name"]: item["value"] for item in payload["contents"]}["lr_explorer_settings"]
+
+
 @pytest.fixture(scope="module")
 def server():
-    """The repository root over loopback http, on a free port, for this module's tests."""
+    """The repository root (or RENDERED_SITE) over loopback http, on a free port."""
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(REPO)))
+    handler = functools.partial(Quiet, directory=str(RENDERED_SITE or REPO))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -80,45 +94,55 @@ def server():
 
 @pytest.fixture(scope="module")
 def page(server):
-    """The harness with the lesson's explorer running in it, all cells settled without errors."""
+    """The explorer running in chromium, all cells settled without errors."""
     with playwright_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 820, "height": 900})
-        outside, console_errors = [], []
-        # Everything must come from the loopback server: no CDN, no network.
-        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server)
-                   else (outside.append(route.request.url), route.abort()))
-        page.on("console", lambda message: message.type == "error" and console_errors.append(message.text))
-        page.on("pageerror", lambda error: console_errors.append(str(error)))
-        page.goto(f"{server}/tests/browser/harness.html")
-        page.wait_for_function("window.harnessReady === true")
-        page.evaluate("html => { document.getElementById('outputs').innerHTML = html; }", stored_ojs_define_html())
-        page.evaluate("([source, url]) => runOjs(source, url)", [stored_ojs_source(), f"{server}/{LESSON_PAGE}"])
+        outside, page_errors, console_errors = [], [], []
+        page.on("pageerror", lambda error: page_errors.append(str(error)))
+        if RENDERED_SITE:
+            page.goto(f"{server}/{LESSON_PAGE}")
+        else:
+            # Everything must come from the loopback server: no CDN, no network.
+            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server)
+                       else (outside.append(route.request.url), route.abort()))
+            page.on("console", lambda message: message.type == "error" and console_errors.append(message.text))
+            page.goto(f"{server}/tests/browser/harness.html")
+            page.wait_for_function("window.harnessReady === true")
+            page.evaluate("html => { document.getElementById('outputs').innerHTML = html; }",
+                          stored_ojs_define_html())
+            page.evaluate("([source, url]) => runOjs(source, url)",
+                          [stored_ojs_source(), f"{server}/{LESSON_PAGE}"])
         settle(page)
         yield page
         assert not outside, f"the explorer requested outside addresses: {outside}"
-        assert not console_errors, f"browser console errors: {console_errors}"
+        assert not page_errors + console_errors, f"browser errors: {page_errors + console_errors}"
         browser.close()
 
 
-def settle(page):
-    """Wait until the runtime has recomputed everything and the plot is drawn; fail on OJS errors."""
-    page.wait_for_function("window.__ojs.errors.length > 0 || ("
-                           "window.__ojs.pending.size === 0 && 'lrCurve' in window.__ojs.values && "
-                           "document.querySelector('#cells svg g[aria-label=line] path') !== null)")
-    page.wait_for_timeout(100)  # one more frame: the runtime computes in requestAnimationFrame batches
-    errors = page.evaluate("window.__ojs.errors")
+def settle(page, previous_path=None):
+    """Wait until the plot is drawn (and differs from previous_path) and the readout is there."""
+    page.wait_for_function("""previous => {
+        const path = document.querySelector('svg g[aria-label=line] path');
+        return document.querySelector('.observablehq--error, .ojs-error') !== null
+            || (path !== null && path.getAttribute('d') !== previous
+                && document.querySelector('.lr-readout') !== null);
+    }""", arg=previous_path)
+    page.wait_for_timeout(200)  # let the runtime finish the batch it is computing
+    errors = page.locator(".observablehq--error, .ojs-error").all_inner_texts()
+    if not RENDERED_SITE:
+        errors += page.evaluate("window.__ojs.errors")
     assert not errors, f"OJS cells failed: {errors}"
 
 
 def slider(page, label):
-    return page.locator("#cells form").filter(has=page.locator("label", has_text=label))
+    return page.locator("form").filter(has=page.locator("label", has_text=label))
 
 
 def plotted_curve(page):
     """The schedule as drawn: (step, lr) for every vertex of the line's SVG path, via the plot's scales."""
     drawn = page.evaluate("""() => {
-        const path = document.querySelector('#cells svg g[aria-label=line] path');
+        const path = document.querySelector('svg g[aria-label=line] path');
         const plot = path.closest('svg');
         const {domain: xd, range: xr} = plot.scale('x'), {domain: yd, range: yr} = plot.scale('y');
         return {d: path.getAttribute('d'), xd, xr, yd, yr};
@@ -136,10 +160,18 @@ def plotted_curve(page):
     return points, tolerance
 
 
+def line_path(page):
+    return page.locator("svg g[aria-label=line] path").get_attribute("d")
+
+
 def current_settings(page):
-    """The explorer's effective settings, as the page computed them (lrSettings)."""
-    s = page.evaluate("window.__ojs.values.lrSettings")
-    return dict(max_lr=s["maxLr"], min_lr=s["minLr"], warmup_steps=s["warmupSteps"], total_steps=s["totalSteps"])
+    """The settings on screen: the published ones, with warmup as its number box shows it now.
+
+    Only the warmup slider moves in these tests, and it stays below the total, so the explorer
+    uses it as shown (it clamps warmup to the total steps).
+    """
+    warmup = int(slider(page, "warmup steps").locator("input[type=number]").input_value())
+    return {**published_settings(), "warmup_steps": warmup}
 
 
 def assert_curve_is(page, schedule, settings):
@@ -150,6 +182,8 @@ def assert_curve_is(page, schedule, settings):
         x, y = points[step]
         assert x == pytest.approx(step, abs=0.01)
         assert y == pytest.approx(schedule(step, **settings), abs=tolerance), f"step {step}"
+    if RENDERED_SITE:
+        return  # Quarto's runtime keeps its variables to itself; the drawn path was checked above
     # The data behind the line, exactly: site/schedule.js mirrors training.py's float64 arithmetic.
     curve = page.evaluate("window.__ojs.values.lrCurve")
     expected = [schedule(step, **settings) for step in range(settings["total_steps"] + 1)]
@@ -157,9 +191,12 @@ def assert_curve_is(page, schedule, settings):
 
 
 def test_explorer_starts_from_the_notebook_settings(page):
-    settings = json.loads(re.search(r"<script[^>]*>(.*?)</script>", stored_ojs_define_html(), re.S)[1])
-    published = {item["name"]: item["value"] for item in settings["contents"]}["lr_explorer_settings"]
+    published = published_settings()
     assert current_settings(page) == published
+    if not RENDERED_SITE:  # what the page's OJS computed from the stored ojs_define output
+        lr_settings = page.evaluate("window.__ojs.values.lrSettings")
+        assert lr_settings == dict(maxLr=published["max_lr"], minLr=published["min_lr"],
+                                   warmupSteps=published["warmup_steps"], totalSteps=published["total_steps"])
     assert_curve_is(page, training.cosine_lr, published)
     # The explorer's own check against the reference rates the notebook computed in Python.
     agreement = page.locator(".lr-agreement").inner_text()
@@ -167,7 +204,7 @@ def test_explorer_starts_from_the_notebook_settings(page):
 
 
 def test_dragging_the_warmup_slider_redraws_the_schedule(page):
-    before, _ = plotted_curve(page)
+    before, before_path = plotted_curve(page)[0], line_path(page)
     track = slider(page, "warmup steps").locator("input[type=range]")
     box = track.bounding_box()
     # Drag the thumb with the mouse, as a reader would: press on it (at 100 of 0..5000; a click
@@ -180,22 +217,26 @@ def test_dragging_the_warmup_slider_redraws_the_schedule(page):
     page.mouse.down()
     page.mouse.move(thumb + 5, middle, steps=5)
     page.mouse.up()
-    settle(page)
+    settle(page, previous_path=before_path)
     settings = current_settings(page)
     assert 150 <= settings["warmup_steps"] <= 450, "the thumb should have moved about +200 steps"
-    assert int(slider(page, "warmup steps").locator("input[type=number]").input_value()) == settings["warmup_steps"]
+    if not RENDERED_SITE:
+        assert page.evaluate("window.__ojs.values.lrSettings.warmupSteps") == settings["warmup_steps"]
     after, _ = plotted_curve(page)
     assert after != before
     assert_curve_is(page, training.cosine_lr, settings)
 
+    cosine_path = line_path(page)
     page.get_by_label("warmup + linear").check()
-    settle(page)
+    settle(page, previous_path=cosine_path)
     assert_curve_is(page, training.linear_lr, current_settings(page))
+    linear_path = line_path(page)
     page.get_by_label("warmup + cosine").check()
-    settle(page)
+    settle(page, previous_path=linear_path)
 
     ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "lr-explorer.png"), full_page=True)
+    name = "lr-explorer-rendered.png" if RENDERED_SITE else "lr-explorer.png"
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
     readout = page.locator(".lr-readout").inner_text()
     assert readout.startswith("warmup + cosine: LR at step 550 =")
 
