@@ -406,6 +406,29 @@ def plots(out_dir, optimizer_times, speedup_results, by_batch, by_context, curve
     plt.close(fig)
 
 
+def goals(results, mode):
+    """One row per goal of issue 6: the target, the figure this run reached, and whether it is met."""
+    def verdict(met):
+        return "n/a" if met is None else ("yes" if met else "no")
+
+    overhead = results["1. Trainer overhead"][0]
+    times = results["2. Optimizer step"][0]
+    optimizer_ratio = times["training.AdamW, multi-tensor"] / times["torch.optim.AdamW, foreach"]
+    budget, (_, loss) = mode["budgets_min"][-1], results["5. Quality per time"][0][-1]
+    ours = results["5b. nanoGPT's CPU shape"][0]
+    utilisation = results["6. GPU: GPT-2-small in bf16 with torch.compile"][0]
+    rows = [["1. train() tokens/s / hand loop", ">= 0.95", f"{overhead:.2f}", verdict(overhead >= 0.95)],
+            ["2. multi-tensor AdamW time / torch foreach", "<= 1.2", f"{optimizer_ratio:.2f}",
+             verdict(optimizer_ratio <= 1.2)],
+            [f"5. val loss after {budget:g} min", "<= 1.45 at 5 min", f"{loss:.3f}",
+             verdict(loss <= 1.45) if budget == 5 else "n/a (quick)"],
+            ["5b. tokens/s on nanoGPT's CPU shape", f">= {NANOGPT_QUOTED['tokens_per_s']:,} (quoted)", fmt(ours),
+             verdict(ours >= NANOGPT_QUOTED["tokens_per_s"])],
+            ["6. GPU MFU, GPT-2 small, bf16 + compile", "report it", "not run (no GPU)" if utilisation is None
+             else f"{utilisation:.1%}", verdict(None)]]
+    return table(["goal", "target", "this run", "met"], rows)
+
+
 def environment(device, mode_name):
     cpu = platform.processor() or platform.machine()
     try:
@@ -439,6 +462,10 @@ def main(argv=None):
                     batches=[max(batch // 4, 1), max(batch // 2, 1), batch, 2 * batch],
                     contexts=[max(context // 4, 1), max(context // 2, 1), context, 2 * context])
     print(f"{mode_name} run: expect about {EXPECTED_MINUTES[mode_name]} minute(s) on a quiet 2-core CPU", flush=True)
+    if os.getloadavg()[0] > 0.5 * os.cpu_count():
+        print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other work is running, and "
+              "PyTorch's CPU threads slow down far more than proportionally when they must share cores. These "
+              "figures will not represent this machine.", file=sys.stderr, flush=True)
     out_dir = Path(args.out_dir) if args.out_dir else HERE / ("quick" if args.quick else "")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = training.pick_device()
@@ -471,6 +498,7 @@ def main(argv=None):
     plots(out_dir, results["2. Optimizer step"][0], results["3. torch.compile and autocast"][0],
           results["4. Scaling: batch size and context length"][0], results["4. Scaling: batch size and context length"][1],
           curve)
+    sections.append("## Goals of issue 6\n\n" + goals(results, mode))
     sections.append(f"![speed](speed.png)\n\n![scaling and quality per time](scaling.png)\n\n"
                     f"Total run time: {(time.perf_counter() - started) / 60:.1f} minutes.")
     (out_dir / "BENCHMARKS.md").write_text("\n\n".join(sections) + "\n")
