@@ -103,6 +103,19 @@ def edit(*replacements):
     return replacements
 
 
+# The two schedule references share their warmup, decay-start and clamp lines, so the same
+# mistakes apply to both.
+SCHEDULE_MUTANTS = [
+    ("warmup off by one", edit(("max_lr * step / warmup_steps", "max_lr * (step + 1) / warmup_steps")),
+     "warmup is off by one: expected lr 0 at step 0"),
+    ("decay starts at step 0", edit(("(step - warmup_steps) / (total_steps - warmup_steps)", "step / total_steps")),
+     "the decay must start at warmup_steps"),
+    ("no clamp past total_steps", edit(("    if step >= total_steps:\n        return min_lr\n", "")),
+     "past total_steps the LR stays at min_lr"),
+    ("divides by zero without warmup", edit(("if step < warmup_steps:", "if step <= warmup_steps:")),
+     "with warmup_steps=0 there is no warmup"),
+]
+
 MUTANTS = {
     "cross-entropy": [
         ("softmax overflow without max subtraction",
@@ -205,16 +218,9 @@ MUTANTS = {
          "wrong clipped gradient"),
     ],
     "cosine-schedule": [
-        ("warmup off by one", edit(("max_lr * step / warmup_steps", "max_lr * (step + 1) / warmup_steps")),
-         "warmup is off by one: expected lr 0 at step 0"),
+        *SCHEDULE_MUTANTS,
         ("decays to 0, not min_lr", edit(("min_lr + (max_lr - min_lr) * 0.5", "max_lr * 0.5")),
          "ends at 0 instead of min_lr"),
-        ("decay starts at step 0", edit(("(step - warmup_steps) / (total_steps - warmup_steps)", "step / total_steps")),
-         "the decay must start at warmup_steps"),
-        ("no clamp past total_steps", edit(("    if step >= total_steps:\n        return min_lr\n", "")),
-         "past total_steps the LR stays at min_lr"),
-        ("divides by zero without warmup", edit(("if step < warmup_steps:", "if step <= warmup_steps:")),
-         "with warmup_steps=0 there is no warmup"),
         ("returns a tensor (torch.cos)", edit(("math.cos(math.pi * progress)",
                                                "__import__('torch').cos(__import__('torch').tensor(math.pi * "
                                                "progress))")), "return a plain float"),
@@ -226,16 +232,9 @@ MUTANTS = {
          "during warmup the LR rises linearly"),
     ],
     "linear-schedule": [
-        ("warmup off by one", edit(("max_lr * step / warmup_steps", "max_lr * (step + 1) / warmup_steps")),
-         "warmup is off by one: expected lr 0 at step 0"),
+        *SCHEDULE_MUTANTS,
         ("decays to 0, not min_lr", edit(("max_lr + (min_lr - max_lr) * progress", "max_lr * (1 - progress)")),
          "ends at 0 instead of min_lr"),
-        ("decay starts at step 0", edit(("(step - warmup_steps) / (total_steps - warmup_steps)", "step / total_steps")),
-         "the decay must start at warmup_steps"),
-        ("no clamp past total_steps", edit(("    if step >= total_steps:\n        return min_lr\n", "")),
-         "past total_steps the LR stays at min_lr"),
-        ("divides by zero without warmup", edit(("if step < warmup_steps:", "if step <= warmup_steps:")),
-         "with warmup_steps=0 there is no warmup"),
         ("decay length ignores warmup", edit(("/ (total_steps - warmup_steps)", "/ total_steps")),
          "wrong LR during the decay"),
         ("warmup reaches max_lr one step early", edit(("max_lr * step / warmup_steps",
