@@ -287,6 +287,12 @@ def ddp_scaling(mode, workdir):
 
 
 # ---------------------------------------------------------------------------------------- 5
+def default_overrides(mode):
+    """TrainConfig overrides for sections 5 and 5b: none in a full run (the real defaults), the tiny
+    model with cheap evaluations in quick mode."""
+    return dict(mode["model"], batch_size=mode["batch"], eval_batches=2) if mode is MODES["quick"] else {}
+
+
 def updates_per_second(overrides, mode, workdir):
     """train()'s measured speed, in updates/s, for TrainConfig's defaults with `overrides` (a short probe run)."""
     steps = mode["trainer_steps"]
@@ -314,10 +320,10 @@ def budget_run(overrides, minutes, updates_per_s, out_dir):
     return (steps, *timed_train({**overrides, **schedule}, out_dir))
 
 
-def quality_per_time(mode, device, workdir):
+def quality_per_time(mode, workdir):
     """Val loss of the default training.py config after each time budget, and of the default run itself."""
     quick = mode is MODES["quick"]
-    shape = dict(mode["model"], batch_size=mode["batch"], eval_batches=2) if quick else {}
+    shape = default_overrides(mode)
     updates_per_s = updates_per_second(shape, mode, workdir)
     rows, curve = [], []
     for minutes in mode["budgets_min"]:
@@ -340,13 +346,11 @@ def quality_per_time(mode, device, workdir):
             (default_elapsed, default_run.best_val_loss))
 
 
-def depth_per_time(mode, device, workdir):
+def depth_per_time(mode, workdir):
     """Val loss after the same wall time for models of 1 to 4 blocks, everything else as the defaults."""
-    quick = mode is MODES["quick"]
-    shape = dict(mode["model"], batch_size=mode["batch"], eval_batches=2) if quick else {}
     minutes, rows = mode["depth_budget_min"], []
     for n_layers in mode["depths"]:
-        overrides = {**shape, "n_layers": n_layers}
+        overrides = {**default_overrides(mode), "n_layers": n_layers}
         config = training.TrainConfig(**overrides)
         rate = updates_per_second(overrides, mode, workdir)
         steps, elapsed, result = budget_run(overrides, minutes, rate, workdir / f"depth{n_layers}")
@@ -526,8 +530,8 @@ def main(argv=None):
                  ("3. torch.compile and autocast", lambda: speedups(mode, corpus, device, workdir)),
                  ("4. Scaling: batch size and context length", lambda: scaling(mode, device)),
                  ("4b. Data parallel: 1 vs 2 processes", lambda: ddp_scaling(mode, workdir)),
-                 ("5. Quality per time", lambda: quality_per_time(mode, device, workdir)),
-                 ("5b. Depth at equal wall time", lambda: depth_per_time(mode, device, workdir)),
+                 ("5. Quality per time", lambda: quality_per_time(mode, workdir)),
+                 ("5b. Depth at equal wall time", lambda: depth_per_time(mode, workdir)),
                  ("5c. nanoGPT's CPU shape", lambda: nanogpt_shape(mode, corpus, workdir)),
                  ("6. GPU: GPT-2-small in bf16 with torch.compile", lambda: gpu_section(workdir))]
         results = {}
