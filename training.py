@@ -94,7 +94,7 @@ class TrainConfig:
     log_interval: int = _opt(10, "read the loss back from the device every this many updates")
     # system
     device: str = _opt("auto", "'auto' (cuda, then mps, then cpu), or a device name such as cpu, cuda:1")
-    dtype: str = _opt("auto", "autocast dtype; 'auto': bf16 on CUDA if supported, else fp16; fp32 on CPU/MPS",
+    dtype: str = _opt("auto", "autocast dtype; 'auto': bf16 on CUDA >= 8.0 (Ampere+), fp16 on older CUDA (T4), fp32 on CPU/MPS",
                       ["auto", "fp32", "bf16", "fp16"])
     compile: bool = _opt(False, "torch.compile the model (needs a C compiler on CPU)")
     seed: int = _opt(1337, "seed for initialisation, batches and sampling")
@@ -684,12 +684,22 @@ def pick_device(prefer: str | None = None) -> torch.device:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """True where bf16 matmuls run on hardware: CUDA with compute capability >= 8.0 (Ampere+).
+
+    Not `torch.cuda.is_bf16_supported()`: by default it also counts emulation, so it says True on
+    a T4 (7.5), where bf16 runs in slow software paths. CPUs and MPS count as not native here.
+    """
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype for a --dtype name. 'auto' is bf16 on CUDA that has it, else fp16 on
-    CUDA, and fp32 on CPU and MPS (where low-precision matmuls are rarely faster)."""
+    """The autocast dtype for a --dtype name. 'auto' is bf16 on CUDA with native bf16 (compute
+    capability >= 8.0), fp16 (with a GradScaler in train()) on older CUDA such as a T4, and fp32 on
+    CPU and MPS (where low-precision matmuls are rarely faster)."""
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if has_native_bf16(device) else torch.float16
         return torch.float32
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {['auto', *DTYPES]}, got {name!r}")
@@ -924,15 +934,29 @@ class _Dist:
 
 
 def _setup_distributed(config: TrainConfig) -> tuple[_Dist, torch.device]:
-    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on CUDA, gloo on CPU."""
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on CUDA, gloo on CPU.
+
+    Each process takes the GPU numbered by its LOCAL_RANK, so a run needs one GPU per process on
+    each machine. gloo all-reduces CPU tensors only, so without CUDA the processes train on the
+    CPU: 'auto' picks it, and an explicit --device mps is refused.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return _Dist(), pick_device(config.device)
     info = _Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), world_size)
     device = pick_device(config.device)
     if device.type == "cuda":
+        gpus = torch.cuda.device_count()
+        if info.local_rank >= gpus:
+            raise ValueError(f"torchrun started process LOCAL_RANK={info.local_rank} but this machine has "
+                             f"{gpus} CUDA device(s): use --nproc_per_node={gpus} or fewer")
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
+    elif device.type == "mps":
+        if config.device == "mps":
+            raise ValueError("device 'mps' cannot be used under torchrun: the gloo backend all-reduces CPU "
+                             "tensors only; use --device cpu")
+        device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return info, device

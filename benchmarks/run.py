@@ -158,7 +158,7 @@ def optimizer_steps(mode, device):
 # ---------------------------------------------------------------------------------------- 3
 def speedups(mode, corpus, device, workdir):
     shape, batch = mode["model"], mode["batch"]
-    low = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+    low = torch.bfloat16 if device.type != "cuda" or training.has_native_bf16(device) else torch.float16
     variants = [("eager fp32 (baseline)", False, torch.float32), (f"eager {low} autocast", False, low)]
     if mode["compile"]:
         variants += [("torch.compile fp32", True, torch.float32), (f"torch.compile {low} autocast", True, low)]

@@ -48,12 +48,44 @@ def test_resolve_dtype():
         resolve_dtype("fp8", CPU)
 
 
-def test_resolve_dtype_auto_on_cuda(monkeypatch):
-    cuda = torch.device("cuda")
+@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16),   # T4 (Colab's free GPU)
+                                                   ((8, 0), torch.bfloat16),  # A100
+                                                   ((9, 0), torch.bfloat16)])  # H100
+def test_resolve_dtype_auto_on_cuda_follows_native_bf16(monkeypatch, capability, expected):
+    # A T4 "supports" bf16 by emulation (is_bf16_supported() is True there), which is slow: auto
+    # must pick fp16 + GradScaler below compute capability 8.0.
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert resolve_dtype("auto", cuda) == torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
-    assert resolve_dtype("auto", cuda) == torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_dtype("auto", torch.device("cuda")) == expected
+    assert training.has_native_bf16(torch.device("cuda")) == (expected == torch.bfloat16)
+
+
+def test_no_native_bf16_off_cuda():
+    assert not training.has_native_bf16(CPU)
+    assert not training.has_native_bf16(torch.device("mps"))
+
+
+def _torchrun_env(monkeypatch, local_rank: int) -> None:
+    for name, value in {"WORLD_SIZE": "2", "RANK": str(local_rank), "LOCAL_RANK": str(local_rank)}.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_torchrun_with_more_processes_than_gpus_names_the_fix(monkeypatch):
+    _torchrun_env(monkeypatch, local_rank=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="LOCAL_RANK=1 .* 1 CUDA device.*--nproc_per_node=1"):
+        training._setup_distributed(training.TrainConfig(device="auto"))
+
+
+def test_torchrun_on_a_mac_trains_on_cpu_tensors_for_gloo(monkeypatch):
+    _torchrun_env(monkeypatch, local_rank=0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(training.dist, "is_initialized", lambda: True)  # no process group needed here
+    assert training._setup_distributed(training.TrainConfig(device="auto"))[1] == CPU
+    with pytest.raises(ValueError, match="gloo.*CPU"):
+        training._setup_distributed(training.TrainConfig(device="mps"))
 
 
 def test_autocast_bf16_on_cpu(tiny_gpt):
