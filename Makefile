@@ -1,6 +1,7 @@
 # Two commands do everything (see README.md):
 #   make        set up .venv, train the tiny GPT on Shakespeare, print a sample
-#   make test   set up .venv and the browser-test tools, run the whole test suite
+#   make test   set up .venv and the browser-test tools, run the whole test suite, then replay
+#               every lesson and solution notebook a second time under other CPU kernels
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -24,8 +25,14 @@ train: setup
 browser-deps:
 	bash tests/browser/setup.sh
 
+# A second CPU-kernel setting for the notebook replay: no SIMD kernels in ATen, SSE4.2 in MKL,
+# one thread (the first pass uses the CPU's best kernels and every core). Both change the low
+# bits of matmuls and reductions, so a stored output that is a raw short-run loss fails here.
+PORTABLE_CPU := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 OMP_NUM_THREADS=1
+
 test: setup browser-deps
 	$(PY) -m pytest
+	$(PORTABLE_CPU) $(PY) -m pytest lessons solutions
 
 benchmarks: setup
 	$(PY) benchmarks/run.py
