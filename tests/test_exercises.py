@@ -7,7 +7,10 @@ knows that mistake. Everything runs in this process: no kernels, milliseconds pe
 """
 from __future__ import annotations
 
+import inspect
+import math
 import re
+import textwrap
 from pathlib import Path
 
 import nbformat
@@ -16,7 +19,7 @@ import torch
 
 import training
 from course import colab
-from exercises import _reference, checks
+from exercises import checks
 from exercises.catalog import EXERCISES
 from exercises.checks import ExerciseFailed
 from exercises.grade import answer_cells
@@ -55,13 +58,14 @@ def test_solution_passes_its_check(slug):
     check(slug)(load(slug))
 
 
-def test_reference_answers_pass_their_checks():
-    checks.check_lr_finder(_reference.lr_finder)
-    checks.check_early_stopping(_reference.train_with_early_stopping)
+def test_the_schedule_references_pass_their_checks():
+    """training.py's schedules, compiled afresh from their source (calling them is refused), pass."""
     for schedule, check_schedule in ((training.cosine_lr, checks.check_cosine_schedule),
                                      (training.linear_lr, checks.check_linear_schedule)):
-        check_schedule(lambda step, max_lr, min_lr, warmup_steps, total_steps, schedule=schedule: schedule(
-            step, max_lr=max_lr, min_lr=min_lr, warmup_steps=warmup_steps, total_steps=total_steps))
+        namespace = {"math": math, "_check_schedule": lambda *args: None}
+        exec(textwrap.dedent(inspect.getsource(schedule)), namespace)
+        check_schedule(lambda step, max_lr, min_lr, warmup_steps, total_steps, copy=namespace[schedule.__name__]:
+                       copy(step, max_lr=max_lr, min_lr=min_lr, warmup_steps=warmup_steps, total_steps=total_steps))
 
 
 @pytest.mark.parametrize("slug", EXERCISE)
@@ -114,6 +118,11 @@ SCHEDULE_MUTANTS = [
      "past total_steps the LR stays at min_lr"),
     ("divides by zero without warmup", edit(("if step < warmup_steps:", "if step <= warmup_steps:")),
      "with warmup_steps=0 there is no warmup"),
+    ("progress computed before the branches (divides by zero when warmup_steps == total_steps)",
+     edit(("    progress = (step - warmup_steps) / (total_steps - warmup_steps)\n    return", "    return"),
+          ("    if step < warmup_steps:\n", "    progress = (step - warmup_steps) / (total_steps - warmup_steps)\n"
+                                         "    if step < warmup_steps:\n")),
+     "with warmup_steps == total_steps there is no decay: test step >= total_steps"),
 ]
 
 MUTANTS = {
@@ -133,13 +142,19 @@ MUTANTS = {
          "not finite|overflowed|underflowed"),
         ("calls F.cross_entropy", edit(("return (logsumexp - target_logits).mean()",
                                         "return torch.nn.functional.cross_entropy(logits, targets)")),
-         "off limits"),
+         "refused: your code called `torch.nn.functional.cross_entropy`"),
         ("returns a Python float", edit((".mean()", ".mean().item()")), "return a torch.Tensor"),
         ("detached from autograd", edit((".mean()", ".mean().detach()")), "cut off from the autograd graph"),
         ("modifies logits in place", edit(("torch.exp(logits - row_max)", "torch.exp(logits.sub_(row_max))")),
          "changed `logits` in place"),
         ("max taken over the batch, not per row",
-         edit(("logits.max(dim=-1, keepdim=True).values", "logits.max()")), "softmax overflowed|wrong loss"),
+         edit(("logits.max(dim=-1, keepdim=True).values", "logits.max()")), "not the max of the whole batch"),
+        ("mean over dim 0 of an [N, 1] tensor", edit(("return (logsumexp - target_logits).mean()",
+                                                      "return (logsumexp - target_logits)[:, None].mean(dim=0)")),
+         r"return a 0-dim tensor \(shape \[\]\), got shape \[1\]"),
+        ("shift by max |x| (underflows, no overflow)",
+         edit(("logits.max(dim=-1, keepdim=True).values", "logits.abs().max(dim=-1, keepdim=True).values")),
+         r"exp\(\) underflowed.*not max \|x\|"),
     ],
     "adamw": [
         ("weight decay applied to the gradient (L2, as in Adam)",
@@ -192,6 +207,23 @@ MUTANTS = {
         ("state kept outside self.state",
          edit(("state = self.state[p]", 'state = self.__dict__.setdefault("moments", {}).setdefault(p, {})')),
          "rebuilt from state_dict"),
+        ("step count kept per param group",
+         edit(('lr, (beta1, beta2) = group["lr"], group["betas"]',
+               'lr, (beta1, beta2) = group["lr"], group["betas"]\n            group["t"] = group.get("t", 0) + 1'),
+              ('t, m, v = state["step"], state["m"], state["v"]', 't, m, v = group["t"], state["m"], state["v"]')),
+         "count steps per parameter"),
+        ("betas and eps read from self.defaults",
+         edit(('group["lr"], group["betas"]', 'group["lr"], self.defaults["betas"]'),
+              ('(v_hat.sqrt() + group["eps"])', '(v_hat.sqrt() + self.defaults["eps"])')),
+         r"not from self.defaults"),
+        ("p.grad.pow_(2) leaves the gradient squared",
+         edit(("v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)",
+               "v.mul_(beta2).add_(p.grad.pow_(2), alpha=1 - beta2)")),
+         r"step\(\) changed p.grad"),
+        ("one step counter shared by all parameters",
+         edit(('state["step"] += 1\n                t, m, v = state["step"], state["m"], state["v"]',
+               'self.t = getattr(self, "t", 0) + 1\n                t, m, v = self.t, state["m"], state["v"]')),
+         "the first step of parameter 0 is right but that of parameter 1 is not"),
     ],
     "clip-grad-norm": [
         ("norm per parameter, each clipped on its own",
@@ -213,9 +245,11 @@ MUTANTS = {
         ("returns a float", edit(("    return norm", "    return norm.item()")), "0-dim tensor"),
         ("calls torch.nn.utils.clip_grad_norm_",
          edit(("    grads = [", "    return torch.nn.utils.clip_grad_norm_(parameters, max_norm)\n    grads = [")),
-         "off limits|what this exercise builds"),
+         "refused: your code called `torch.nn.utils.clip_grad"),
         ("scales by norm / max_norm", edit(("max_norm / (norm + 1e-6)", "(norm + 1e-6) / max_norm")),
          "wrong clipped gradient"),
+        ("no eps in the scale", edit(("max_norm / (norm + 1e-6)", "max_norm / norm")), "with the 1e-6"),
+        ("inverted condition", edit(("if norm > max_norm:", "if norm < max_norm:")), "the condition is inverted"),
     ],
     "cosine-schedule": [
         *SCHEDULE_MUTANTS,
@@ -230,6 +264,8 @@ MUTANTS = {
          "wrong LR during the decay"),
         ("warmup from min_lr", edit(("max_lr * step / warmup_steps", "min_lr + (max_lr - min_lr) * step / warmup_steps")),
          "during warmup the LR rises linearly"),
+        ("1 - cos: wrong from warmup_steps on", edit(("(1 + math.cos(", "(1 - math.cos(")),
+         "wrong LR from step warmup_steps on"),
     ],
     "linear-schedule": [
         *SCHEDULE_MUTANTS,
@@ -240,6 +276,9 @@ MUTANTS = {
         ("warmup reaches max_lr one step early", edit(("max_lr * step / warmup_steps",
                                                        "max_lr * min(1, (step + 1) / warmup_steps)")),
          "warmup is off by one"),
+        ("line from min_lr up to max_lr", edit(("max_lr + (min_lr - max_lr) * progress",
+                                                "min_lr + (max_lr - min_lr) * progress")),
+         "wrong LR from step warmup_steps on"),
     ],
     "lr-finder": [
         ("linear sweep, not exponential", edit(("start_lr * growth ** (i / (num_steps - 1))",
@@ -263,6 +302,14 @@ MUTANTS = {
         ("suggested LR as a string", edit(("return lrs, losses, lrs[lowest] / 10",
                                                            "return lrs, losses, str(lrs[lowest] / 10)")),
          "suggested_lr must be a float"),
+        ("divergence tested against the previous loss", edit(("best = min(best, loss)", "best = loss")),
+         "compare with the lowest loss so far, not the previous one"),
+        ("suggestion skips the last loss", edit(("for i in range(len(losses)) if", "for i in range(len(losses) - 1) if")),
+         "the lowest loss can be the last one recorded"),
+        ("no divergence test in the first steps",
+         edit(("if not math.isfinite(loss) or loss > diverge_factor * best:",
+               "if i > 2 and (not math.isfinite(loss) or loss > diverge_factor * best):")),
+         "test for divergence from the first step on"),
     ],
     "early-stopping": [
         ("does not restore the best weights", edit(("        model.load_state_dict(best_weights)", "        pass")),
@@ -294,6 +341,19 @@ MUTANTS = {
          "best_step, best_val_loss should be"),
         ("history of losses only", edit(("history.append((step, val_loss))", "history.append(val_loss)")),
          "history must be a list of \\(step, val_loss\\) pairs"),
+        ("best weights restored only when stopping early",
+         edit(("    if best_weights is not None:\n        model.load_state_dict(best_weights)\n", ""),
+              ("            if evals_without_improvement == patience:\n                break",
+               "            if evals_without_improvement == patience:\n"
+               "                model.load_state_dict(best_weights)\n                break")),
+         "Restore them also when training runs to max_steps"),
+        ("patience reset by a loss below the previous evaluation",
+         edit(("        else:\n            evals_without_improvement += 1\n",
+               "        elif len(history) > 1 and val_loss < history[-2][1]:\n"
+               "            evals_without_improvement = 0\n        else:\n            evals_without_improvement += 1\n")),
+         "one below the previous evaluation but above the best does not reset the count"),
+        ("an invented min_delta=0.01", edit(("val_loss < best_val_loss", "val_loss < best_val_loss - 0.01")),
+         "however small"),
     ],
 }
 
