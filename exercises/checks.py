@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import numbers
 import os
@@ -244,8 +245,9 @@ class _Records:
 def _origin(candidate):
     """The files the candidate's code comes from (a class: the functions it defines)."""
     functions = [candidate]
-    if isinstance(candidate, type):
-        functions = [getattr(attribute, "__func__", attribute) for attribute in vars(candidate).values()]
+    if isinstance(candidate, type):  # torch.optim.Optimizer wraps step() in a hook of its own: unwrap it
+        functions = [inspect.unwrap(getattr(attribute, "__func__", attribute)) for attribute in vars(candidate).values()
+                     if callable(getattr(attribute, "__func__", attribute))]
     return sorted({function.__code__.co_filename for function in functions if hasattr(function, "__code__")})
 
 
@@ -254,12 +256,12 @@ _NOTEBOOK_CELL = re.compile(r"ipykernel_\d+[/\\]\d+\.py$|^<ipython-input-")
 
 def run(check, candidate):
     """The run half of check `check` (e.g. "check_adamw") on `candidate`: a JSON-able dict."""
-    records = []
+    records, origin = [], _origin(candidate)
     try:
         _RUNS[check](candidate, records, CallGuard(BY_CHECK[check].slug))
     except ExerciseFailed as error:
         records.append({"failed": str(error)})
-    return {"records": [_plain(record) for record in records], "origin": _origin(candidate)}
+    return {"records": [_plain(record) for record in records], "origin": origin}
 
 
 def run_to_file(check, candidate, path):

@@ -38,7 +38,8 @@ BANNED = {
     "lr-finder": [],
     "early-stopping": [],
 }
-# The checker and the solutions are off limits in every exercise (a `check_*` call is allowed).
+# The checker and the solutions are off limits in every exercise (importing the checks and calling a
+# `check_*` is allowed).
 COMMON = ["exercises._reference", "exercises.grade", "exercises.integrity", "exercises.checks"]
 ALLOWED_FROM_CHECKS = re.compile(r"exercises\.checks\.(check_\w+|ExerciseFailed)$")
 CODE_FROM_STRINGS = {"exec", "eval", "compile", "__import__", "importlib", "runpy", "imp"}
@@ -59,7 +60,8 @@ def _banned(slug, dotted):
         if name.startswith("."):
             if dotted.endswith(name):
                 return name[1:]
-        elif (dotted == name or dotted.startswith(name + ".")) and not ALLOWED_FROM_CHECKS.match(dotted):
+        elif (dotted == name or dotted.startswith(name + ".")) and not ALLOWED_FROM_CHECKS.match(dotted) \
+                and dotted != "exercises.checks":
             return name
     return None
 
@@ -110,13 +112,24 @@ class _Scanner(ast.NodeVisitor):
             self.use(f"{module}.{alias.name}")
 
     def visit_Attribute(self, node):
-        self.use(self.dotted(node))
-        self.generic_visit(node)
+        self.use(self.dotted(node))  # the whole chain, once: not again for torch.special in torch.special.x
+        root = node
+        while isinstance(root, ast.Attribute):
+            root = root.value
+        if isinstance(root, ast.Name):
+            self.name_rules(root.id)
+        else:
+            self.visit(root)
 
     def visit_Name(self, node):
-        if node.id in CODE_FROM_STRINGS:
-            self.flag(f"`{node.id}` (code built from a string)")
+        self.name_rules(node.id)
         self.use(self.aliases.get(node.id))
+
+    def name_rules(self, name):
+        if name in CODE_FROM_STRINGS:
+            self.flag(f"`{name}` (code built from a string)")
+        if name.startswith("_grader") or name in ("vars", "globals"):
+            self.flag(f"`{name}` (the grader's own names, or namespaces by name)")
 
     def visit_Call(self, node):
         if isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr") and node.args:
@@ -134,6 +147,8 @@ class _Scanner(ast.NodeVisitor):
         for target in node.targets:
             if isinstance(target, ast.Attribute):
                 self.patch(target, "assignment")
+            elif isinstance(target, ast.Subscript):  # sys.modules["training"] = ..., vars(json)["dumps"] = ...
+                self.patch(target.value, "item assignment")
         self.generic_visit(node)
 
     visit_AugAssign = visit_AnnAssign = lambda self, node: (

@@ -8,6 +8,7 @@ knows that mistake. Everything runs in this process: no kernels, milliseconds pe
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import re
 import textwrap
@@ -449,3 +450,107 @@ def test_check_messages_never_show_reference_code():
     with pytest.raises(ExerciseFailed) as failure:
         checks.check_lr_finder(wrong)
     assert "def " not in str(failure.value) and "for i in range" not in str(failure.value)
+
+
+# ----------------------------------------------------------------------------------------
+# Answers that call what the exercise rebuilds, past the grader's reading of the source
+# ----------------------------------------------------------------------------------------
+
+ADAMW_HEAD = """\
+class AdamW(torch.optim.Optimizer):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+"""
+
+# (exercise, answer that hides the call from a reading of the source, the function the guard names)
+HIDDEN_CALLS = [
+    ("cross-entropy", "import torch.nn.functional as F\nhidden = getattr(F, 'cross_' + 'entropy')\n\n"
+                      "def cross_entropy(logits, targets):\n    return hidden(logits, targets)",
+     "torch.nn.functional.cross_entropy"),
+    ("cross-entropy", "from training import cross_entropy as reference\n\n"
+                      "def cross_entropy(logits, targets):\n    return reference(logits, targets)", "training.cross_entropy"),
+    ("cross-entropy", "special = torch.special\n\ndef cross_entropy(logits, targets):\n"
+                      "    return -special.log_softmax(logits, -1)[torch.arange(len(targets)), targets].mean()",
+     "torch.special.log_softmax"),
+    ("cross-entropy", "def cross_entropy(logits, targets):\n"
+                      "    return -logits.log_softmax(-1)[torch.arange(len(targets)), targets].mean()",
+     "Tensor.log_softmax"),
+    ("cross-entropy", "def cross_entropy(logits, targets):\n    try:\n"
+                      "        return torch.nn.functional.cross_entropy(logits, targets)\n    except:\n"
+                      "        return logits.sum()", "torch.nn.functional.cross_entropy"),  # a swallowed refusal
+    ("adamw", ADAMW_HEAD + "        self.hidden = torch.optim.AdamW(self.param_groups)\n\n"
+                           "    def step(self, closure=None):\n        self.hidden.step()", "torch.optim.AdamW"),
+    ("adamw", "import training\n\n" + ADAMW_HEAD + "\n    @torch.no_grad()\n    def step(self, closure=None):\n"
+              "        for group in self.param_groups:\n            training.AdamW._step_loop(self, group, "
+              "[p for p in group['params'] if p.grad is not None])", "training.AdamW"),
+    ("clip-grad-norm", "from torch.nn.utils import clip_grad_norm_ as clip\n\n"
+                       "def clip_grad_norm(parameters, max_norm):\n    return clip(parameters, max_norm)",
+     "torch.nn.utils.clip_grad"),
+    ("linear-schedule", "import training\n\ndef linear_lr(step, max_lr, min_lr, warmup_steps, total_steps):\n"
+                        "    return training.linear_lr(step, max_lr=max_lr, min_lr=min_lr, "
+                        "warmup_steps=warmup_steps, total_steps=total_steps)", "training.linear_lr"),
+]
+
+
+@pytest.mark.parametrize("slug, answer, name", HIDDEN_CALLS, ids=lambda value: str(value)[:40])
+def test_a_hidden_call_of_what_the_exercise_rebuilds_is_refused(slug, answer, name):
+    with pytest.raises(ExerciseFailed, match=rf"^refused: your code called `{re.escape(name)}"):
+        check(slug)(load(slug, answer))
+
+
+def test_the_grader_refuses_a_candidate_not_defined_in_a_notebook_cell():
+    data = checks.run("check_cosine_schedule", training.cosine_lr)
+    with pytest.raises(ExerciseFailed, match=r"refused: `cosine_lr` is not defined in your notebook: its code "
+                                             r"comes from .*training\.py"):
+        checks.judge("check_cosine_schedule", data, notebook=True)
+
+
+@pytest.mark.parametrize("sweep", ["np.logspace(np.log10(start_lr), np.log10(end_lr), num_steps)",
+                                   "[math.exp(math.log(start_lr) + i / (num_steps - 1) * math.log(end_lr / start_lr))"
+                                   " for i in range(num_steps)]",
+                                   "torch.logspace(math.log10(start_lr), math.log10(end_lr), num_steps)"])
+def test_an_lr_finder_whose_sweep_differs_in_the_last_bits_passes(sweep):
+    answer = f"""\
+import numpy as np
+
+def lr_finder(train_step, *, start_lr, end_lr, num_steps, diverge_factor):
+    lrs, losses, best = [], [], math.inf
+    for lr in {sweep}:
+        loss = train_step(float(lr))
+        lrs.append(float(lr))
+        losses.append(loss)
+        if not math.isfinite(loss) or loss > diverge_factor * best:
+            break
+        best = min(best, loss)
+    lowest = min((i for i in range(len(losses)) if math.isfinite(losses[i])), key=losses.__getitem__)
+    return lrs, losses, lrs[lowest] / 10
+"""
+    checks.check_lr_finder(load("lr-finder", answer))
+
+
+def test_a_swallowed_time_limit_still_fails_the_call(monkeypatch):
+    monkeypatch.setattr(checks, "TIME_LIMIT_S", 0.3)
+
+    def cosine_lr(*args):
+        try:
+            while True:
+                pass
+        except BaseException:  # what a bare `except:` does
+            return 0.0
+
+    with pytest.raises(ExerciseFailed, match=r"did not finish within 0.3 s"):
+        checks.check_cosine_schedule(cosine_lr)
+
+
+@pytest.mark.parametrize("values", [[1e-3, 1.0000001e-3], [2.302585092994046, 2.3025850929940455]])
+def test_expected_and_got_print_differently(values):
+    expected, got = values
+    text = checks._pair(expected, got)
+    assert text.split(", got ")[0].removeprefix("expected ") != text.split(", got ")[1]
+
+
+def test_the_run_sends_back_json_only():
+    data = checks.run("check_adamw", load("adamw"))
+    assert json.loads(json.dumps(data)) == data
+    assert data["origin"] == ["<adamw>"]  # where `load` compiled the class: its own step, not torch's hook
+    checks.judge("check_adamw", json.loads(json.dumps(data)))
