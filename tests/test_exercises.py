@@ -7,6 +7,7 @@ knows that mistake. Everything runs in this process: no kernels, milliseconds pe
 """
 from __future__ import annotations
 
+import ast
 import inspect
 import json
 import math
@@ -554,3 +555,12 @@ def test_the_run_sends_back_json_only():
     assert json.loads(json.dumps(data)) == data
     assert data["origin"] == ["<adamw>"]  # where `load` compiled the class: its own step, not torch's hook
     checks.judge("check_adamw", json.loads(json.dumps(data)))
+
+
+def test_the_package_ships_no_reference_answer():
+    """`pip install` (the Colab set-up cell) puts exercises/ on a learner's path: no module there defines an answer."""
+    answers = {exercise.candidate for exercise in EXERCISES}
+    for module in (ROOT / "exercises").glob("*.py"):
+        tree = ast.parse(module.read_text(encoding="utf-8"))
+        defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        assert not defined & answers, module.name
