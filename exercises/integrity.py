@@ -15,6 +15,7 @@ checker itself, the solutions, code built from strings). They are enforced twice
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import os
 import re
@@ -151,9 +152,12 @@ class _Scanner(ast.NodeVisitor):
                 self.patch(target.value, "item assignment")
         self.generic_visit(node)
 
-    visit_AugAssign = visit_AnnAssign = lambda self, node: (
-        self.patch(node.target, "assignment") if isinstance(node.target, ast.Attribute) else None,
-        self.generic_visit(node))
+    def visit_AugAssign(self, node):
+        if isinstance(node.target, ast.Attribute):
+            self.patch(node.target, "assignment")
+        self.generic_visit(node)
+
+    visit_AnnAssign = visit_AugAssign
 
     def visit_Delete(self, node):
         for target in node.targets:
@@ -193,17 +197,17 @@ def _strip_magics(source):
 # ----------------------------------------------------------------------------------------
 
 def _resolve(dotted):
-    module_name, _, rest = dotted.partition(".")
+    """The object a dotted name names (importing modules on the way), or None."""
+    parts = dotted.split(".")
     try:
-        value = sys.modules.get(module_name) or __import__(module_name)
+        value = importlib.import_module(parts[0])
     except ImportError:
         return None
-    for part in rest.split(".") if rest else []:
+    for index, part in enumerate(parts[1:], start=2):
         value = getattr(value, part, None)
-        if value is None:
-            import importlib
+        if value is None:  # a submodule not imported yet
             try:
-                value = importlib.import_module(dotted[:dotted.index(part) + len(part)])
+                value = importlib.import_module(".".join(parts[:index]))
             except ImportError:
                 return None
     return value

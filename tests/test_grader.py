@@ -10,13 +10,13 @@ import csv
 import json
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nbformat
 import pytest
 
 from exercises import grade
+from exercises.integrity import scan
 
 ROOT = Path(__file__).resolve().parent.parent
 CELL_TIMEOUT_S = 3.0   # a learner cell that runs longer is an infinite loop here
@@ -120,7 +120,8 @@ SUBMISSIONS = {
          "total_steps):\n    return max_lr\n\ntraining.linear_lr = lambda step, **settings: settings['max_lr']",
          LINEAR, None, 0, "a change to the module `training.linear_lr`"),
         ("04-cosine-schedule.ipynb", WRONG, None, "import json\n_dumps = json.dumps\n"
-         "json.dumps = lambda value, **options: _dumps([True, ''])", 0, "a change to the module `json.dumps`"),
+         "json.dumps = lambda value, **options: _dumps([True, '']) if isinstance(value, (tuple, list)) "
+         "else _dumps(value, **options)", 0, "a change to the module `json.dumps`"),
         ("06-lr-finder.ipynb", "from exercises._reference import lr_finder as reference\n\n"
          "def lr_finder(train_step, **settings):\n    return reference(train_step, **settings)", LR_FINDER, None, 0,
          "`exercises._reference.lr_finder`"),
@@ -173,7 +174,7 @@ def rows(root, out):
         return {relative(row, root): row for row in csv.DictReader(file)}
 
 
-@pytest.mark.slow  # shares one grading run: 13 kernels, about a minute
+@pytest.mark.slow  # shares one grading run: 10 kernels, about a minute
 def test_scores_and_reasons_in_the_csv(graded):
     _, root, out, _, _ = graded
     graded_rows = rows(root, out)
@@ -215,28 +216,30 @@ def test_exit_status_and_a_clean_console(graded):
     assert stderr.strip() == f"grading {len(EXPECTED)} notebook(s) ..."
 
 
-@pytest.mark.slow  # three kernels
+PATCHES = """\
+import json
+
+import training
+from exercises import checks
+
+checks.check_cosine_schedule = lambda candidate: None
+training.cosine_lr = lambda step, **settings: cosine_lr(step, *settings.values())  # agree with the answer
+_dumps = json.dumps
+json.dumps = lambda value, **options: _dumps([True, '']) if isinstance(value, (tuple, list)) else _dumps(value, **options)
+"""
+
+
+@pytest.mark.slow  # one kernel
 def test_patches_inside_the_kernel_do_not_change_the_verdict(tmp_path):
-    """Past the source scan, the notebooks that patch the checker, training or json in their kernel get the
-    verdict on their own wrong answers: the judge runs in the grader's process, on plain data."""
-    expected = {"02-adamw.ipynb": "the first step is plain SGD", "05-linear-schedule.ipynb": "during warmup the LR rises linearly",
-                "04-cosine-schedule.ipynb": "warmup is off by one"}
-    paths = [submission(tmp_path, name, source, template or "solutions/04-cosine-schedule.ipynb", before)
-             for name, source, template, before, _, _ in SUBMISSIONS["mallory"] if name in expected]
-
-    def run(path):
-        notebook = nbformat.read(path, as_version=4)
-        exercise = grade.identify(notebook, path)
-        scratch = tmp_path / f"scratch-{path.stem}"
-        scratch.mkdir()
-        return grade._run_and_judge(path, exercise, grade.answer_cells(notebook, exercise), scratch,
-                                    CELL_TIMEOUT_S, CALL_TIMEOUT_S, grade.CHECK_TIMEOUT_S)
-
-    with ThreadPoolExecutor(2) as pool:
-        verdicts = dict(zip((path.name for path in paths), pool.map(run, paths)))
-    for name, fragment in expected.items():
-        passed, reason = verdicts[name]
-        assert not passed and fragment in reason, (name, reason)
+    """Past the source scan, a notebook that patches the checker, training and json in its kernel gets the
+    verdict on its own wrong answer: the judge runs in the grader's process, on plain data."""
+    path = submission(tmp_path, "04-cosine-schedule.ipynb", WRONG + "\n\n" + PATCHES)
+    notebook = nbformat.read(path, as_version=4)
+    exercise = grade.identify(notebook, path)
+    assert scan(exercise.slug, [source for _, source in grade.answer_cells(notebook, exercise)])
+    passed, reason = grade._run_and_judge(path, exercise, grade.answer_cells(notebook, exercise), tmp_path,
+                                          CELL_TIMEOUT_S, CALL_TIMEOUT_S, grade.CHECK_TIMEOUT_S)
+    assert not passed and "warmup is off by one" in reason, reason
 
 
 def test_usage_errors_exit_with_status_2(tmp_path, capsys):
