@@ -165,6 +165,10 @@ class _Scanner(ast.NodeVisitor):
                 self.patch(target, "del")
         self.generic_visit(node)
 
+    def visit_Expr(self, node):
+        if not (isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):  # not a docstring
+            self.generic_visit(node)
+
     def visit_Constant(self, node):
         if isinstance(node.value, str) and SUSPICIOUS_PATH.search(node.value):
             self.flag(f"the path {node.value!r} (the solutions, notebooks and reference answers are off limits)")

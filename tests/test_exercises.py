@@ -25,6 +25,7 @@ from exercises import checks
 from exercises.catalog import EXERCISES
 from exercises.checks import ExerciseFailed
 from exercises.grade import answer_cells
+from exercises.integrity import scan
 
 ROOT = Path(__file__).resolve().parent.parent
 EXERCISE = {exercise.slug: exercise for exercise in EXERCISES}
@@ -564,3 +565,31 @@ def test_the_package_ships_no_reference_answer():
         tree = ast.parse(module.read_text(encoding="utf-8"))
         defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
         assert not defined & answers, module.name
+
+
+def test_the_source_scan_refuses_no_solution_and_no_stub():
+    for folder in ("solutions", "exercises"):
+        for exercise in EXERCISES:
+            setup, answer = notebook_cells(folder, exercise.slug)
+            assert scan(exercise.slug, setup + [answer]) is None, (folder, exercise.slug)
+
+
+@pytest.mark.parametrize("slug, source, fragment", [
+    ("cross-entropy", "import torch.nn.functional as F\n\ndef cross_entropy(logits, targets):\n"
+                      "    return F.cross_entropy(logits, targets)", "`torch.nn.functional.cross_entropy`"),
+    ("cross-entropy", "def cross_entropy(logits, targets):\n    return -logits.log_softmax(-1).mean()",
+     "`logits.log_softmax`"),
+    ("clip-grad-norm", "from torch.nn import utils\n\ndef clip_grad_norm(p, m):\n    return utils.clip_grad_norm_(p, m)",
+     "`torch.nn.utils.clip_grad_norm_`"),
+    ("lr-finder", "import sys\nsys.modules['exercises.checks'] = None\n\ndef lr_finder(*a, **k):\n    pass",
+     "a change to the module `sys.modules`"),
+    ("early-stopping", "def train_with_early_stopping(*a, **k):\n    return eval('1')", "`eval`"),
+    ("adamw", "import importlib\nAdamW = importlib.import_module('torch.optim').AdamW", "`import importlib`"),
+])
+def test_the_source_scan_names_what_it_refuses(slug, source, fragment):
+    reason = scan(slug, [source])
+    assert reason.startswith("refused: the answer uses") and fragment in reason, reason
+
+
+def test_a_docstring_that_names_a_notebook_is_not_refused():
+    assert scan("lr-finder", ['def lr_finder(*args):\n    """As in 06-lr-finder.ipynb."""\n    return 1']) is None
