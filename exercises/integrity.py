@@ -44,10 +44,11 @@ BANNED = {
 COMMON = ["exercises._reference", "exercises.grade", "exercises.integrity", "exercises.checks"]
 ALLOWED_FROM_CHECKS = re.compile(r"exercises\.checks\.(check_\w+|ExerciseFailed)$")
 CODE_FROM_STRINGS = {"exec", "eval", "compile", "__import__", "importlib", "runpy", "imp"}
-# Modules whose attributes an answer may not reassign (the grade never depends on them, but a
-# patch is a clear sign of an attempt to fool the check).
-NO_PATCHING = ("exercises", "training", "json", "builtins", "sys", "torch")
-PATCHING_ALLOWED = ("torch.backends",)
+# Modules whose attributes an answer may not reassign: the checker, the references, and what the
+# time limit and the reporting rely on (the grade never depends on them, but a patch is a clear
+# sign of an attempt to fool the check).
+NO_PATCHING = ("exercises", "training", "json", "builtins", "sys", "torch", "threading", "signal", "os")
+PATCHING_ALLOWED = ("torch.backends", "os.environ")
 SUSPICIOUS_PATH = re.compile(r"solutions[/\\]|\.ipynb\b|_reference")
 
 
