@@ -90,8 +90,9 @@ def identify(notebook, path):
     slug = notebook.get("metadata", {}).get("exercise", {}).get("slug")
     if slug in BY_SLUG:
         return BY_SLUG[slug]
-    if _from_file_name(path):
-        return _from_file_name(path)
+    by_name = _from_file_name(path)
+    if by_name:
+        return by_name
     code = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
     matches = [exercise for exercise in EXERCISES if _defines(code, exercise.candidate)]
     return matches[0] if len(matches) == 1 else None
