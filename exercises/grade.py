@@ -2,11 +2,19 @@
 
 Each PATH is a notebook or a folder, searched recursively for ``*.ipynb``. Every notebook is
 matched to its exercise (its ``metadata["exercise"]["slug"]``, else its file name ``NN-slug``,
-else the function or class it defines, see exercises/catalog.py), then run in a fresh Jupyter
-kernel: its code cells up to the one that defines the candidate (the learner's own check cell
-and what follows it are left out), then a grading cell that calls the exercise's check on the
-candidate inside that kernel. A candidate that loops forever, crashes or kills the kernel costs
-only its own notebook: it scores 0 with the reason, and the others are still graded.
+else the function or class it defines, see exercises/catalog.py). Then:
+
+1. its answer cells (the code cells up to the one that defines the candidate, without the
+   learner's own check cells) are read here: an answer that uses what the exercise rebuilds,
+   the checker or the solutions, or that patches a module, is refused (exercises/integrity.py);
+2. they run in a fresh Jupyter kernel, followed by a cell that calls the candidate on the
+   check's inputs and writes back only plain data (exercises.checks.run_to_file);
+3. this process, which imported the references itself, judges that data
+   (exercises.checks.judge). Nothing the notebook does inside its kernel can change the verdict.
+
+A candidate that loops forever, crashes or kills the kernel costs only its own notebook: it
+scores 0 with the reason, and the others are still graded. A call that outlives its time limit
+is interrupted; one that keeps running (a bare `except:` around a loop) ends its kernel.
 
 Scores: 1 when the check passes, 0 otherwise. The grader prints a table (learner = the folder
 holding the notebook) and writes ``grades.csv`` and ``grades.json`` to ``--out`` (default: the
@@ -20,9 +28,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import re
-import secrets
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -32,13 +42,15 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
+from exercises import checks
 from exercises.catalog import BY_SLUG, EXERCISES
+from exercises.integrity import scan
 
 __all__ = ["Grade", "answer_cells", "find_notebooks", "identify", "grade_notebook", "grade_paths", "main"]
 
 CELL_TIMEOUT_S = 120.0   # per learner cell
 CALL_TIMEOUT_S = 20.0    # per call of the candidate inside the check (exercises.checks.TIME_LIMIT_S)
-CHECK_TIMEOUT_S = 600.0  # for the grader's own cells: importing torch, then the whole check
+CHECK_TIMEOUT_S = 600.0  # for the grader's own cells, importing torch and running every case: a backstop
 
 
 @dataclass
@@ -68,14 +80,19 @@ def _defines(source, name):
     return re.search(rf"^(def|class)\s+{re.escape(name)}\b", source, re.MULTILINE) is not None
 
 
+def _from_file_name(path):
+    match = re.match(r"\d+-(.+)", Path(path).stem)
+    return BY_SLUG.get(match.group(1)) if match else None
+
+
 def identify(notebook, path):
     """The Exercise a notebook is for, or None."""
     slug = notebook.get("metadata", {}).get("exercise", {}).get("slug")
     if slug in BY_SLUG:
         return BY_SLUG[slug]
-    match = re.match(r"\d+-(.+)", Path(path).stem)
-    if match and match.group(1) in BY_SLUG:
-        return BY_SLUG[match.group(1)]
+    by_name = _from_file_name(path)
+    if by_name:
+        return by_name
     code = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
     matches = [exercise for exercise in EXERCISES if _defines(code, exercise.candidate)]
     return matches[0] if len(matches) == 1 else None
@@ -97,25 +114,17 @@ def answer_cells(notebook, exercise):
 
 
 # Runs in the learner's kernel before their cells: the slow imports (torch) happen here, under
-# CHECK_TIMEOUT_S, so that --cell-timeout can stay short. Only the check's message leaves the kernel.
+# CHECK_TIMEOUT_S, so that --cell-timeout can stay short.
 _PRELUDE = "from exercises import checks as _grader_checks"
 
 
-def _grading_source(exercise, marker, call_timeout):
+def _grading_source(exercise, call_timeout, result_path, note_path):
+    """The last cell: call the candidate on the check's inputs and write the plain results to result_path."""
     return f"""\
-import json as _grader_json
 _grader_checks.TIME_LIMIT_S = {call_timeout!r}
-if {exercise.candidate!r} not in globals():
-    _grader_result = (False, "`{exercise.candidate}` is not defined after running the notebook")
-else:
-    try:
-        _grader_checks.{exercise.check}({exercise.candidate})
-        _grader_result = (True, "")
-    except _grader_checks.ExerciseFailed as _grader_error:
-        _grader_result = (False, str(_grader_error))
-    except BaseException as _grader_error:
-        _grader_result = (False, f"the check stopped with {{type(_grader_error).__name__}}: {{_grader_error}}")
-print({marker!r} + _grader_json.dumps(_grader_result))
+_grader_checks.WATCHDOG_NOTE = {str(note_path)!r}
+if {exercise.candidate!r} in globals():
+    _grader_checks.run_to_file({exercise.check!r}, {exercise.candidate}, {str(result_path)!r})
 """
 
 
@@ -129,7 +138,7 @@ def _first_error(cells):
 
 def grade_notebook(path, *, cell_timeout=CELL_TIMEOUT_S, call_timeout=CALL_TIMEOUT_S,
                    check_timeout=CHECK_TIMEOUT_S, learner=None):
-    """Run one learner notebook in a fresh kernel and check its candidate; returns a Grade."""
+    """Read, run and judge one learner notebook; returns a Grade."""
     path = Path(path)
     started = time.monotonic()
     learner = learner if learner is not None else path.parent.name or "."
@@ -141,7 +150,7 @@ def grade_notebook(path, *, cell_timeout=CELL_TIMEOUT_S, call_timeout=CALL_TIMEO
     try:
         notebook = nbformat.read(path, as_version=4)
     except Exception as error:  # not JSON, not a notebook, unreadable
-        return result(None, False, f"cannot read the notebook: {type(error).__name__}: {error}")
+        return result(_from_file_name(path), False, f"cannot read the notebook: {type(error).__name__}: {error}")
     exercise = identify(notebook, path)
     if exercise is None:
         return result(None, False, "cannot tell which exercise this notebook is (no exercise metadata, no "
@@ -150,8 +159,20 @@ def grade_notebook(path, *, cell_timeout=CELL_TIMEOUT_S, call_timeout=CALL_TIMEO
     if cells is None:
         return result(exercise, False, f"no cell defines `{exercise.candidate}`: the answer cell is missing "
                                        f"or renamed")
-    marker = f"GRADE-{secrets.token_hex(8)}:"  # a learner's print cannot forge a result line
-    sources = [_PRELUDE] + [source for _, source in cells] + [_grading_source(exercise, marker, call_timeout)]
+    refusal = scan(exercise.slug, [source for _, source in cells])
+    if refusal:
+        return result(exercise, False, refusal)
+    with tempfile.TemporaryDirectory(prefix="grade-") as scratch:
+        passed, reason = _run_and_judge(path, exercise, cells, Path(scratch), cell_timeout, call_timeout,
+                                        check_timeout)
+    return result(exercise, passed, reason)
+
+
+def _run_and_judge(path, exercise, cells, scratch, cell_timeout, call_timeout, check_timeout):
+    """(passed, reason): run the answer cells and the grading cell in a fresh kernel, judge what comes back."""
+    result_path, note_path = scratch / "result.json", scratch / "watchdog.txt"
+    sources = [_PRELUDE] + [source for _, source in cells] + [_grading_source(exercise, call_timeout, result_path,
+                                                                              note_path)]
     run = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in sources],
                                    metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                             "language": "python"}})
@@ -170,25 +191,32 @@ def grade_notebook(path, *, cell_timeout=CELL_TIMEOUT_S, call_timeout=CALL_TIMEO
                             resources={"metadata": {"path": str(path.parent.resolve())}},
                             on_cell_execute=lambda cell, cell_index: running.append(cell_index))
     try:
-        client.execute()
+        # the kernel's own stdout/stderr (ZMQ and debugger warnings) would land in the grader's console
+        client.execute(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except CellTimeoutError:
         limit = cell_timeout if 1 <= running[-1] <= len(cells) else check_timeout
-        return result(exercise, False, f"a cell ran longer than {limit:g} s (an infinite loop?){where()}")
+        return False, f"a cell ran longer than {limit:g} s (an infinite loop?){where()}"
     except DeadKernelError:
-        return result(exercise, False, f"the kernel died (the notebook crashed Python or ran out of memory)"
-                                       f"{where()}")
+        if note_path.exists():
+            return False, note_path.read_text(encoding="utf-8")
+        return False, f"the kernel died (the notebook crashed Python or ran out of memory){where()}"
     except Exception as error:  # a kernel that cannot start, ...
-        return result(exercise, False, f"the notebook could not be run: {type(error).__name__}: {error}")
-    for output in grading_cell.get("outputs", []):
-        for line in output.get("text", "").splitlines():
-            if line.startswith(marker):
-                passed, reason = json.loads(line[len(marker):])
-                error = _first_error(zip((number for number, _ in cells), learner_cells))
-                if not passed and error and "is not defined" in reason:
-                    reason = f"{reason}: {error}"
-                return result(exercise, passed, reason)
-    error = _first_error([("of the grader's prelude", prelude), ("of the grader", grading_cell)])
-    return result(exercise, False, "the check did not report a result: " + (error or "no output"))
+        return False, f"the notebook could not be run: {type(error).__name__}: {error}"
+    if not result_path.exists():
+        grader_error = _first_error([("of the grader's prelude", prelude), ("of the grader", grading_cell)])
+        if grader_error:
+            return False, f"the check did not report a result: {grader_error}"
+        error = _first_error(zip((number for number, _ in cells), learner_cells))
+        return False, f"`{exercise.candidate}` is not defined after running the notebook" + (f": {error}" if error
+                                                                                           else "")
+    try:
+        data = json.loads(result_path.read_text(encoding="utf-8"))
+        checks.judge(exercise.check, data, notebook=True)
+    except checks.ExerciseFailed as failure:
+        return False, str(failure)
+    except Exception as error:  # data that does not have the shape the judge expects
+        return False, f"the answer's run sent back data the grader cannot read ({type(error).__name__}: {error})"
+    return True, ""
 
 
 def grade_paths(paths, *, jobs=1, **options):
@@ -241,6 +269,7 @@ def main(argv=None):
                              f"(default {CHECK_TIMEOUT_S:g})")
     parser.add_argument("--jobs", type=int, default=1, help="notebooks graded at once (default 1)")
     args = parser.parse_args(argv)
+    logging.getLogger("traitlets").setLevel(logging.ERROR)  # kernel-start chatter would break up the table
     if min(args.cell_timeout, args.call_timeout, args.check_timeout) <= 0 or args.jobs < 1:
         parser.error("the timeouts must be positive, --jobs at least 1")
     try:

@@ -7,7 +7,12 @@ knows that mistake. Everything runs in this process: no kernels, milliseconds pe
 """
 from __future__ import annotations
 
+import ast
+import inspect
+import json
+import math
 import re
+import textwrap
 from pathlib import Path
 
 import nbformat
@@ -16,10 +21,11 @@ import torch
 
 import training
 from course import colab
-from exercises import _reference, checks
+from exercises import checks
 from exercises.catalog import EXERCISES
 from exercises.checks import ExerciseFailed
 from exercises.grade import answer_cells
+from exercises.integrity import scan
 
 ROOT = Path(__file__).resolve().parent.parent
 EXERCISE = {exercise.slug: exercise for exercise in EXERCISES}
@@ -55,13 +61,14 @@ def test_solution_passes_its_check(slug):
     check(slug)(load(slug))
 
 
-def test_reference_answers_pass_their_checks():
-    checks.check_lr_finder(_reference.lr_finder)
-    checks.check_early_stopping(_reference.train_with_early_stopping)
+def test_the_schedule_references_pass_their_checks():
+    """training.py's schedules, compiled afresh from their source (calling them is refused), pass."""
     for schedule, check_schedule in ((training.cosine_lr, checks.check_cosine_schedule),
                                      (training.linear_lr, checks.check_linear_schedule)):
-        check_schedule(lambda step, max_lr, min_lr, warmup_steps, total_steps, schedule=schedule: schedule(
-            step, max_lr=max_lr, min_lr=min_lr, warmup_steps=warmup_steps, total_steps=total_steps))
+        namespace = {"math": math, "_check_schedule": lambda *args: None}
+        exec(textwrap.dedent(inspect.getsource(schedule)), namespace)
+        check_schedule(lambda step, max_lr, min_lr, warmup_steps, total_steps, copy=namespace[schedule.__name__]:
+                       copy(step, max_lr=max_lr, min_lr=min_lr, warmup_steps=warmup_steps, total_steps=total_steps))
 
 
 @pytest.mark.parametrize("slug", EXERCISE)
@@ -114,6 +121,11 @@ SCHEDULE_MUTANTS = [
      "past total_steps the LR stays at min_lr"),
     ("divides by zero without warmup", edit(("if step < warmup_steps:", "if step <= warmup_steps:")),
      "with warmup_steps=0 there is no warmup"),
+    ("progress computed before the branches (divides by zero when warmup_steps == total_steps)",
+     edit(("    progress = (step - warmup_steps) / (total_steps - warmup_steps)\n    return", "    return"),
+          ("    if step < warmup_steps:\n", "    progress = (step - warmup_steps) / (total_steps - warmup_steps)\n"
+                                         "    if step < warmup_steps:\n")),
+     "with warmup_steps == total_steps there is no decay: test step >= total_steps"),
 ]
 
 MUTANTS = {
@@ -133,13 +145,19 @@ MUTANTS = {
          "not finite|overflowed|underflowed"),
         ("calls F.cross_entropy", edit(("return (logsumexp - target_logits).mean()",
                                         "return torch.nn.functional.cross_entropy(logits, targets)")),
-         "off limits"),
+         "refused: your code called `torch.nn.functional.cross_entropy`"),
         ("returns a Python float", edit((".mean()", ".mean().item()")), "return a torch.Tensor"),
         ("detached from autograd", edit((".mean()", ".mean().detach()")), "cut off from the autograd graph"),
         ("modifies logits in place", edit(("torch.exp(logits - row_max)", "torch.exp(logits.sub_(row_max))")),
          "changed `logits` in place"),
         ("max taken over the batch, not per row",
-         edit(("logits.max(dim=-1, keepdim=True).values", "logits.max()")), "softmax overflowed|wrong loss"),
+         edit(("logits.max(dim=-1, keepdim=True).values", "logits.max()")), "not the max of the whole batch"),
+        ("mean over dim 0 of an [N, 1] tensor", edit(("return (logsumexp - target_logits).mean()",
+                                                      "return (logsumexp - target_logits)[:, None].mean(dim=0)")),
+         r"return a 0-dim tensor \(shape \[\]\), got shape \[1\]"),
+        ("shift by max |x| (underflows, no overflow)",
+         edit(("logits.max(dim=-1, keepdim=True).values", "logits.abs().max(dim=-1, keepdim=True).values")),
+         r"exp\(\) underflowed.*not max \|x\|"),
     ],
     "adamw": [
         ("weight decay applied to the gradient (L2, as in Adam)",
@@ -192,6 +210,23 @@ MUTANTS = {
         ("state kept outside self.state",
          edit(("state = self.state[p]", 'state = self.__dict__.setdefault("moments", {}).setdefault(p, {})')),
          "rebuilt from state_dict"),
+        ("step count kept per param group",
+         edit(('lr, (beta1, beta2) = group["lr"], group["betas"]',
+               'lr, (beta1, beta2) = group["lr"], group["betas"]\n            group["t"] = group.get("t", 0) + 1'),
+              ('t, m, v = state["step"], state["m"], state["v"]', 't, m, v = group["t"], state["m"], state["v"]')),
+         "count steps per parameter"),
+        ("betas and eps read from self.defaults",
+         edit(('group["lr"], group["betas"]', 'group["lr"], self.defaults["betas"]'),
+              ('(v_hat.sqrt() + group["eps"])', '(v_hat.sqrt() + self.defaults["eps"])')),
+         r"not from self.defaults"),
+        ("p.grad.pow_(2) leaves the gradient squared",
+         edit(("v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)",
+               "v.mul_(beta2).add_(p.grad.pow_(2), alpha=1 - beta2)")),
+         r"step\(\) changed p.grad"),
+        ("one step counter shared by all parameters",
+         edit(('state["step"] += 1\n                t, m, v = state["step"], state["m"], state["v"]',
+               'self.t = getattr(self, "t", 0) + 1\n                t, m, v = self.t, state["m"], state["v"]')),
+         "the first step of parameter 0 is right but that of parameter 1 is not"),
     ],
     "clip-grad-norm": [
         ("norm per parameter, each clipped on its own",
@@ -213,9 +248,11 @@ MUTANTS = {
         ("returns a float", edit(("    return norm", "    return norm.item()")), "0-dim tensor"),
         ("calls torch.nn.utils.clip_grad_norm_",
          edit(("    grads = [", "    return torch.nn.utils.clip_grad_norm_(parameters, max_norm)\n    grads = [")),
-         "off limits|what this exercise builds"),
+         "refused: your code called `torch.nn.utils.clip_grad"),
         ("scales by norm / max_norm", edit(("max_norm / (norm + 1e-6)", "(norm + 1e-6) / max_norm")),
          "wrong clipped gradient"),
+        ("no eps in the scale", edit(("max_norm / (norm + 1e-6)", "max_norm / norm")), "with the 1e-6"),
+        ("inverted condition", edit(("if norm > max_norm:", "if norm < max_norm:")), "the condition is inverted"),
     ],
     "cosine-schedule": [
         *SCHEDULE_MUTANTS,
@@ -230,6 +267,8 @@ MUTANTS = {
          "wrong LR during the decay"),
         ("warmup from min_lr", edit(("max_lr * step / warmup_steps", "min_lr + (max_lr - min_lr) * step / warmup_steps")),
          "during warmup the LR rises linearly"),
+        ("1 - cos: wrong from warmup_steps on", edit(("(1 + math.cos(", "(1 - math.cos(")),
+         "wrong LR from step warmup_steps on"),
     ],
     "linear-schedule": [
         *SCHEDULE_MUTANTS,
@@ -240,6 +279,9 @@ MUTANTS = {
         ("warmup reaches max_lr one step early", edit(("max_lr * step / warmup_steps",
                                                        "max_lr * min(1, (step + 1) / warmup_steps)")),
          "warmup is off by one"),
+        ("line from min_lr up to max_lr", edit(("max_lr + (min_lr - max_lr) * progress",
+                                                "min_lr + (max_lr - min_lr) * progress")),
+         "wrong LR from step warmup_steps on"),
     ],
     "lr-finder": [
         ("linear sweep, not exponential", edit(("start_lr * growth ** (i / (num_steps - 1))",
@@ -263,6 +305,14 @@ MUTANTS = {
         ("suggested LR as a string", edit(("return lrs, losses, lrs[lowest] / 10",
                                                            "return lrs, losses, str(lrs[lowest] / 10)")),
          "suggested_lr must be a float"),
+        ("divergence tested against the previous loss", edit(("best = min(best, loss)", "best = loss")),
+         "compare with the lowest loss so far, not the previous one"),
+        ("suggestion skips the last loss", edit(("for i in range(len(losses)) if", "for i in range(len(losses) - 1) if")),
+         "the lowest loss can be the last one recorded"),
+        ("no divergence test in the first steps",
+         edit(("if not math.isfinite(loss) or loss > diverge_factor * best:",
+               "if i > 2 and (not math.isfinite(loss) or loss > diverge_factor * best):")),
+         "test for divergence from the first step on"),
     ],
     "early-stopping": [
         ("does not restore the best weights", edit(("        model.load_state_dict(best_weights)", "        pass")),
@@ -294,6 +344,19 @@ MUTANTS = {
          "best_step, best_val_loss should be"),
         ("history of losses only", edit(("history.append((step, val_loss))", "history.append(val_loss)")),
          "history must be a list of \\(step, val_loss\\) pairs"),
+        ("best weights restored only when stopping early",
+         edit(("    if best_weights is not None:\n        model.load_state_dict(best_weights)\n", ""),
+              ("            if evals_without_improvement == patience:\n                break",
+               "            if evals_without_improvement == patience:\n"
+               "                model.load_state_dict(best_weights)\n                break")),
+         "Restore them also when training runs to max_steps"),
+        ("patience reset by a loss below the previous evaluation",
+         edit(("        else:\n            evals_without_improvement += 1\n",
+               "        elif len(history) > 1 and val_loss < history[-2][1]:\n"
+               "            evals_without_improvement = 0\n        else:\n            evals_without_improvement += 1\n")),
+         "one below the previous evaluation but above the best does not reset the count"),
+        ("an invented min_delta=0.01", edit(("val_loss < best_val_loss", "val_loss < best_val_loss - 0.01")),
+         "however small"),
     ],
 }
 
@@ -389,3 +452,144 @@ def test_check_messages_never_show_reference_code():
     with pytest.raises(ExerciseFailed) as failure:
         checks.check_lr_finder(wrong)
     assert "def " not in str(failure.value) and "for i in range" not in str(failure.value)
+
+
+# ----------------------------------------------------------------------------------------
+# Answers that call what the exercise rebuilds, past the grader's reading of the source
+# ----------------------------------------------------------------------------------------
+
+ADAMW_HEAD = """\
+class AdamW(torch.optim.Optimizer):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+"""
+
+# (exercise, answer that hides the call from a reading of the source, the function the guard names)
+HIDDEN_CALLS = [
+    ("cross-entropy", "import torch.nn.functional as F\nhidden = getattr(F, 'cross_' + 'entropy')\n\n"
+                      "def cross_entropy(logits, targets):\n    return hidden(logits, targets)",
+     "torch.nn.functional.cross_entropy"),
+    ("cross-entropy", "from training import cross_entropy as reference\n\n"
+                      "def cross_entropy(logits, targets):\n    return reference(logits, targets)", "training.cross_entropy"),
+    ("cross-entropy", "special = torch.special\n\ndef cross_entropy(logits, targets):\n"
+                      "    return -special.log_softmax(logits, -1)[torch.arange(len(targets)), targets].mean()",
+     "torch.special.log_softmax"),
+    ("cross-entropy", "def cross_entropy(logits, targets):\n"
+                      "    return -logits.log_softmax(-1)[torch.arange(len(targets)), targets].mean()",
+     "Tensor.log_softmax"),
+    ("cross-entropy", "def cross_entropy(logits, targets):\n    try:\n"
+                      "        return torch.nn.functional.cross_entropy(logits, targets)\n    except:\n"
+                      "        return logits.sum()", "torch.nn.functional.cross_entropy"),  # a swallowed refusal
+    ("adamw", ADAMW_HEAD + "        self.hidden = torch.optim.AdamW(self.param_groups)\n\n"
+                           "    def step(self, closure=None):\n        self.hidden.step()", "torch.optim.AdamW"),
+    ("adamw", "import training\n\n" + ADAMW_HEAD + "\n    @torch.no_grad()\n    def step(self, closure=None):\n"
+              "        for group in self.param_groups:\n            training.AdamW._step_loop(self, group, "
+              "[p for p in group['params'] if p.grad is not None])", "training.AdamW"),
+    ("clip-grad-norm", "from torch.nn.utils import clip_grad_norm_ as clip\n\n"
+                       "def clip_grad_norm(parameters, max_norm):\n    return clip(parameters, max_norm)",
+     "torch.nn.utils.clip_grad"),
+    ("linear-schedule", "import training\n\ndef linear_lr(step, max_lr, min_lr, warmup_steps, total_steps):\n"
+                        "    return training.linear_lr(step, max_lr=max_lr, min_lr=min_lr, "
+                        "warmup_steps=warmup_steps, total_steps=total_steps)", "training.linear_lr"),
+]
+
+
+@pytest.mark.parametrize("slug, answer, name", HIDDEN_CALLS, ids=lambda value: str(value)[:40])
+def test_a_hidden_call_of_what_the_exercise_rebuilds_is_refused(slug, answer, name):
+    with pytest.raises(ExerciseFailed, match=rf"^refused: your code called `{re.escape(name)}"):
+        check(slug)(load(slug, answer))
+
+
+def test_the_grader_refuses_a_candidate_not_defined_in_a_notebook_cell():
+    data = checks.run("check_cosine_schedule", training.cosine_lr)
+    with pytest.raises(ExerciseFailed, match=r"refused: `cosine_lr` is not defined in your notebook: its code "
+                                             r"comes from .*training\.py"):
+        checks.judge("check_cosine_schedule", data, notebook=True)
+
+
+@pytest.mark.parametrize("sweep", ["np.logspace(np.log10(start_lr), np.log10(end_lr), num_steps)",
+                                   "[math.exp(math.log(start_lr) + i / (num_steps - 1) * math.log(end_lr / start_lr))"
+                                   " for i in range(num_steps)]",
+                                   "torch.logspace(math.log10(start_lr), math.log10(end_lr), num_steps)"])
+def test_an_lr_finder_whose_sweep_differs_in_the_last_bits_passes(sweep):
+    answer = f"""\
+import numpy as np
+
+def lr_finder(train_step, *, start_lr, end_lr, num_steps, diverge_factor):
+    lrs, losses, best = [], [], math.inf
+    for lr in {sweep}:
+        loss = train_step(float(lr))
+        lrs.append(float(lr))
+        losses.append(loss)
+        if not math.isfinite(loss) or loss > diverge_factor * best:
+            break
+        best = min(best, loss)
+    lowest = min((i for i in range(len(losses)) if math.isfinite(losses[i])), key=losses.__getitem__)
+    return lrs, losses, lrs[lowest] / 10
+"""
+    checks.check_lr_finder(load("lr-finder", answer))
+
+
+def test_a_swallowed_time_limit_still_fails_the_call(monkeypatch):
+    monkeypatch.setattr(checks, "TIME_LIMIT_S", 0.3)
+
+    def cosine_lr(*args):
+        try:
+            while True:
+                pass
+        except BaseException:  # what a bare `except:` does
+            return 0.0
+
+    with pytest.raises(ExerciseFailed, match=r"did not finish within 0.3 s"):
+        checks.check_cosine_schedule(cosine_lr)
+
+
+@pytest.mark.parametrize("values", [[1e-3, 1.0000001e-3], [2.302585092994046, 2.3025850929940455]])
+def test_expected_and_got_print_differently(values):
+    expected, got = values
+    text = checks._pair(expected, got)
+    assert text.split(", got ")[0].removeprefix("expected ") != text.split(", got ")[1]
+
+
+def test_the_run_sends_back_json_only():
+    data = checks.run("check_adamw", load("adamw"))
+    assert json.loads(json.dumps(data)) == data
+    assert data["origin"] == ["<adamw>"]  # where `load` compiled the class: its own step, not torch's hook
+    checks.judge("check_adamw", json.loads(json.dumps(data)))
+
+
+def test_the_package_ships_no_reference_answer():
+    """`pip install` (the Colab set-up cell) puts exercises/ on a learner's path: no module there defines an answer."""
+    answers = {exercise.candidate for exercise in EXERCISES}
+    for module in (ROOT / "exercises").glob("*.py"):
+        tree = ast.parse(module.read_text(encoding="utf-8"))
+        defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        assert not defined & answers, module.name
+
+
+def test_the_source_scan_refuses_no_solution_and_no_stub():
+    for folder in ("solutions", "exercises"):
+        for exercise in EXERCISES:
+            setup, answer = notebook_cells(folder, exercise.slug)
+            assert scan(exercise.slug, setup + [answer]) is None, (folder, exercise.slug)
+
+
+@pytest.mark.parametrize("slug, source, fragment", [
+    ("cross-entropy", "import torch.nn.functional as F\n\ndef cross_entropy(logits, targets):\n"
+                      "    return F.cross_entropy(logits, targets)", "`torch.nn.functional.cross_entropy`"),
+    ("cross-entropy", "def cross_entropy(logits, targets):\n    return -logits.log_softmax(-1).mean()",
+     "`logits.log_softmax`"),
+    ("clip-grad-norm", "from torch.nn import utils\n\ndef clip_grad_norm(p, m):\n    return utils.clip_grad_norm_(p, m)",
+     "`torch.nn.utils.clip_grad_norm_`"),
+    ("lr-finder", "import sys\nsys.modules['exercises.checks'] = None\n\ndef lr_finder(*a, **k):\n    pass",
+     "a change to the module `sys.modules`"),
+    ("early-stopping", "def train_with_early_stopping(*a, **k):\n    return eval('1')", "`eval`"),
+    ("adamw", "import importlib\nAdamW = importlib.import_module('torch.optim').AdamW", "`import importlib`"),
+])
+def test_the_source_scan_names_what_it_refuses(slug, source, fragment):
+    reason = scan(slug, [source])
+    assert reason.startswith("refused: the answer uses") and fragment in reason, reason
+
+
+def test_a_docstring_that_names_a_notebook_is_not_refused():
+    assert scan("lr-finder", ['def lr_finder(*args):\n    """As in 06-lr-finder.ipynb."""\n    return 1']) is None
