@@ -30,9 +30,12 @@ import os
 import pickle
 import random
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
+import zipfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
@@ -46,6 +49,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from m06_transformer import GPT, GPTConfig
+
+try:
+    import fcntl  # POSIX file locks; on Windows out_dir is not locked
+except ImportError:
+    fcntl = None
 
 
 # ----------------------------------------------------------------------------------------
@@ -99,6 +107,8 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile the model (needs a C compiler on CPU)")
     seed: int = _opt(1337, "seed for initialisation, batches and sampling")
     resume: str = _opt("", "checkpoint to resume from (e.g. out/last.pt)")
+    overwrite: bool = _opt(False, "start a new run in an out_dir that holds another run, deleting its "
+                                  "best.pt, last.pt and history.jsonl")
     sample_chars: int = _opt(500, "characters the CLI generates after training")
     progress: bool = _opt(True, "show a tqdm progress bar and one line per evaluation (off: silent)")
 
@@ -110,13 +120,20 @@ class TrainConfig:
                 setattr(self, f.name, value)
             if type(value) is not kind:
                 raise TypeError(f"TrainConfig.{f.name} must be {kind.__name__}, got {value!r}")
+            if kind is float and not math.isfinite(value):
+                raise ValueError(f"TrainConfig.{f.name} must be a finite number, got {value!r}")
+            # seeds feed torch generators (64-bit); batch_seed() multiplies the seed by ~2**32
+            limit = 2**32 if f.name == "seed" else 2**31
+            if kind is int and not -limit < value < limit:
+                raise ValueError(f"TrainConfig.{f.name} must be less than 2**{limit.bit_length() - 1} "
+                                 f"in absolute value, got {value}")
             choices = f.metadata["choices"]
             if choices and value not in choices:
                 raise ValueError(f"TrainConfig.{f.name} must be one of {choices}, got {value!r}")
         positive = ["context_length", "d_model", "n_layers", "n_heads", "d_ff", "batch_size",
                     "grad_accum_steps", "max_steps", "eval_interval", "eval_batches", "log_interval", "lr"]
         non_negative = ["decay_steps", "warmup_steps", "patience", "min_lr", "weight_decay",
-                        "grad_clip", "sample_chars"]
+                        "grad_clip", "sample_chars", "seed"]
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
@@ -558,6 +575,34 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _temporary_prefix(target: Path) -> str:
+    """Temporary files are named .<target>.<pid>.<random><suffix>: the PID says whether their writer lives."""
+    return f".{target.name}.{os.getpid()}."
+
+
+def _remove_stale_temporaries(folder: Path, suffix: str) -> None:
+    """Delete the temporary files that a killed save or download left in `folder`: those whose
+    writer is no longer running, and those of older versions, whose names carry no PID."""
+    pattern = re.compile(rf"\..+?\.(?:(\d+)\.)?[a-z0-9_]{{8}}{re.escape(suffix)}")
+    for path in folder.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and not (match.group(1) and _process_exists(int(match.group(1)))):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def _process_exists(pid: int) -> bool:
+    if os.name == "nt" or pid == os.getpid():  # os.kill(pid, 0) would end the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
+
+
 def download_corpus(url: str, sha256: str, cache_dir: str | Path | None = None, *,
                     filename: str | None = None, timeout: float = 30.0) -> Path:
     """Fetch a file once into cache_dir, check its SHA-256, and return its path.
@@ -572,7 +617,9 @@ def download_corpus(url: str, sha256: str, cache_dir: str | Path | None = None, 
     if target.is_file() and _sha256(target) == sha256:
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=cache, delete=False, suffix=".part") as tmp:
+    _remove_stale_temporaries(cache, ".part")
+    with tempfile.NamedTemporaryFile(dir=cache, delete=False, prefix=_temporary_prefix(target),
+                                     suffix=".part") as tmp:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:
                 while chunk := response.read(1 << 20):
@@ -776,13 +823,19 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _remove_stale_temporaries(path.parent, ".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+        raise OSError(f"could not write {path} ({reason}); any earlier {path.name} is unchanged") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -795,6 +848,7 @@ def read_checkpoint(path: str | Path, map_location=None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    _check_zip_crcs(path)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -807,7 +861,50 @@ def read_checkpoint(path: str | Path, map_location=None) -> dict:
                               f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is a torch file but not a training checkpoint (no {CHECKPOINT_FORMAT!r} marker)")
+    _check_layout(path, checkpoint)
     return checkpoint
+
+
+def _check_zip_crcs(path: Path) -> None:
+    """torch.save writes a zip archive with a CRC-32 per record, which torch.load does not check:
+    check them all, so flipped bytes in the tensor data are refused instead of trained on."""
+    if not zipfile.is_zipfile(path):
+        return  # not an archive at all: torch.load's refusal names the problem
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        raise CheckpointError(f"{path} is damaged: its zip structure does not read back ({error})") from None
+    if damaged is not None:
+        raise CheckpointError(f"{path} is damaged: record {damaged} fails its CRC-32 check "
+                              f"(the bytes changed after the file was written)")
+
+
+# key -> what a checkpoint holds there: the allowed types, and whether None is allowed too
+_LAYOUT = {"step": (int, False), "model": (dict, False), "model_config": (dict, True), "optimizer": (dict, True),
+           "scheduler": (dict, True), "scaler": (dict, True), "rng": (dict, False), "extra": (dict, False)}
+
+
+def _check_layout(path: Path, checkpoint: dict) -> None:
+    """Every key save_checkpoint writes is there with the right type, so nothing later fails with a KeyError."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path} is a malformed checkpoint: {what}")
+    for key, (kind, optional) in _LAYOUT.items():
+        if key not in checkpoint:
+            raise bad(f"no {key!r} entry")
+        value = checkpoint[key]
+        if not (isinstance(value, kind) and not isinstance(value, bool) or optional and value is None):
+            raise bad(f"{key!r} is {type(value).__name__}, not {kind.__name__}")
+    if checkpoint["step"] < 0:
+        raise bad(f"'step' is {checkpoint['step']}")
+    if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in checkpoint["model"].items()):
+        raise bad("'model' is not a mapping of names to tensors")
+    rng = checkpoint["rng"]
+    python = rng.get("python")
+    if not (torch.is_tensor(rng.get("torch")) and rng["torch"].dtype == torch.uint8
+            and isinstance(rng.get("cuda"), list)
+            and isinstance(python, (tuple, list)) and len(python) == 3 and isinstance(python[1], (tuple, list))):
+        raise bad("'rng' does not hold the torch, cuda and python random states")
 
 
 def _check_state_dict(model: nn.Module, state: dict) -> None:
@@ -835,14 +932,19 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
         if obj is not None and checkpoint[name] is None:
             raise CheckpointError(f"{path} holds no {name} state, but a {name} was given to restore")
+    # The optimizer, scheduler and scaler check their state as they load it: load them before the model.
+    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if obj is not None:
+            try:
+                obj.load_state_dict(checkpoint[name])
+            except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as error:
+                raise CheckpointError(f"{path}: its {name} state does not fit this {name} "
+                                      f"({type(error).__name__}: {error})") from None
     model.load_state_dict(checkpoint["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(checkpoint["scheduler"])
-    if scaler is not None:
-        scaler.load_state_dict(checkpoint["scaler"])
-    _set_rng_state(checkpoint["rng"])
+    try:
+        _set_rng_state(checkpoint["rng"])
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: its random-number-generator state does not load ({error})") from None
     return checkpoint["step"]
 
 
@@ -915,13 +1017,6 @@ def evaluate(model: nn.Module, data: torch.Tensor, *, batch_size: int, context_l
     return total.item() / batches
 
 
-def _append_history(path: Path, history: list[dict], written: int) -> int:
-    """Append the entries not yet in the JSON-lines file; return how many are written now."""
-    with path.open("a") as f:
-        f.writelines(json.dumps(entry) + "\n" for entry in history[written:])
-    return len(history)
-
-
 @dataclass
 class _Dist:
     rank: int = 0
@@ -962,17 +1057,114 @@ def _setup_distributed(config: TrainConfig) -> tuple[_Dist, torch.device]:
     return info, device
 
 
-def train(config: TrainConfig) -> TrainResult:
+def train(config: TrainConfig, *, batches: BatchSource | None = None) -> TrainResult:
     """Train a GPT on config.data; see TrainConfig for every knob. Returns a TrainResult.
 
     Each update accumulates grad_accum_steps micro-batches (loss / grad_accum_steps each, so
     the gradient equals that of one big batch), unscales fp16 gradients, clips the global
     norm, steps the optimizer and sets the LR for the next update. The loss stays on the
     device and is read back every log_interval updates, where a non-finite loss stops the
-    run (the last good checkpoint is kept). Every eval_interval updates, train and val loss
-    are averaged over eval_batches fixed batches; a better val loss writes best.pt, every
-    evaluation writes last.pt, and `patience` evaluations without improvement stop the run.
+    run (stop_reason 'non-finite ...'; best.pt and last.pt keep the last finite state). Every
+    eval_interval updates, train and val loss are averaged over eval_batches fixed batches;
+    a better val loss writes best.pt, every evaluation writes last.pt, and `patience`
+    evaluations without improvement stop the run.
+
+    The run owns config.out_dir: it holds a lock on it while it trains, and refuses an out_dir
+    that holds another run unless config.resume continues that run or config.overwrite is set.
+    SIGINT or SIGTERM stops it between two updates: it writes last.pt and raises
+    TrainingInterrupted (a KeyboardInterrupt). `batches(step, micro)`, when given, returns the
+    (x, y) of micro-batch `micro` (its global index over all processes) of update `step`,
+    instead of the batches seeded by batch_seed().
     """
+    run = _build_run(config, batches)
+    meter = _Throughput(config.batch_size * config.context_length * config.grad_accum_steps * run.ddp.world_size)
+    pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss on device) not yet read back
+    stop_reason, step = "max_steps", run.start_step
+    bar = tqdm(total=config.max_steps, initial=run.start_step, disable=not (config.progress and run.ddp.is_main),
+               unit="step", dynamic_ncols=True)
+    try:
+        with _StopSignals() as signals:
+            run.model.train()
+            for step in range(run.start_step + 1, config.max_steps + 1):
+                lr = _lr_at(config, step)
+                pending.append((step, lr, _update(run, step, lr)))
+                bar.update(1)
+                is_eval = step % config.eval_interval == 0 or step == config.max_steps
+                # Under torchrun every rank must reach the same collectives: a signal waits for the next log step.
+                if step % config.log_interval == 0 or is_eval or (signals.caught and run.ddp.world_size == 1):
+                    finite = _read_back(run, pending, meter, bar)
+                    non_finite, signum = _agree(run, not finite, signals.caught or 0)
+                    if non_finite:
+                        stop_reason = _non_finite_reason(run, "loss", step)
+                        break
+                    if signum:
+                        _stop_on_signal(run, step, signum)
+                if is_eval and (reason := _evaluate_and_checkpoint(run, step, lr, meter, bar)):
+                    stop_reason = reason
+                    break
+        if run.ddp.is_main:
+            _write_history(run)
+        if run.ddp.world_size > 1:
+            dist.barrier()
+    finally:
+        bar.close()
+        _unlock(run)
+    return TrainResult(history=run.history, best_val_loss=run.best_val,
+                       best_checkpoint=str(run.best_path) if run.best_path.exists() else None,
+                       last_checkpoint=str(run.last_path) if run.last_path.exists() else None,
+                       step=step, stop_reason=stop_reason, tokens_per_second=meter.tokens_per_second,
+                       model=run.model, tokenizer=run.corpus.tokenizer, optimizer_name=run.optimizer_name)
+
+
+# --- building the run ---------------------------------------------------------------------
+
+# batches(step, micro) -> (x, y): micro-batch `micro` (global index over all processes) of update `step`
+BatchSource = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class _Run:
+    """What train() builds before its first update, and the state its loop carries from update to update."""
+    config: TrainConfig
+    ddp: _Dist
+    device: torch.device
+    dtype: torch.dtype
+    corpus: Corpus
+    model: nn.Module                      # the GPT itself: evaluated and checkpointed
+    step_model: nn.Module                 # what updates call: the model, compiled and/or wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    optimizer_name: str
+    scaler: torch.amp.GradScaler
+    batches: BatchSource
+    start_step: int = 0
+    best_val: float = math.inf
+    evals_without_improvement: int = 0
+    history: list[dict] = field(default_factory=list)
+    history_written: int = 0              # entries of history already in history.jsonl
+    lock: int | None = None               # file descriptor holding out_dir's lock (rank 0)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.config.out_dir)
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / "best.pt"
+
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    @property
+    def history_path(self) -> Path:
+        return self.out_dir / "history.jsonl"
+
+
+def _build_run(config: TrainConfig, batches: BatchSource | None) -> _Run:
+    """Device, dtype, DDP, corpus, model, optimizer, resumed state; then claim out_dir.
+
+    Everything that can be checked is checked before out_dir is touched, so a run that fails
+    on bad input leaves an earlier run's files as they were."""
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train() takes a TrainConfig, got {type(config).__name__}")
     ddp, device = _setup_distributed(config)
@@ -984,153 +1176,350 @@ def train(config: TrainConfig) -> TrainResult:
     random.seed(config.seed)
 
     corpus = load_corpus(config.data)
+    for split, ids in (("training", corpus.train_ids), ("validation", corpus.val_ids)):
+        if len(ids) <= config.context_length:
+            raise ValueError(f"the {split} split of {config.data!r} has {len(ids)} characters, too few for "
+                             f"context_length={config.context_length}: use a longer text or a shorter context")
     model = GPT(GPTConfig(vocab_size=corpus.tokenizer.vocab_size, context_length=config.context_length,
                           d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
                           d_ff=config.d_ff, dropout=config.dropout)).to(device)
     optimizer, optimizer_name = build_optimizer(model, config, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    schedule = SCHEDULES.get(config.schedule)
-    out_dir = Path(config.out_dir)
-    best_path, last_path, history_path = out_dir / "best.pt", out_dir / "last.pt", out_dir / "history.jsonl"
-
-    start_step, best_val, evals_without_improvement = 0, math.inf, 0
+    run = _Run(config, ddp, device, dtype, corpus, model, model, optimizer, optimizer_name,
+               torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+               batches or _seeded_batches(corpus.train_ids, config, device))
     if config.resume:
-        saved = read_checkpoint(config.resume, map_location=device)
-        if saved["extra"].get("chars") != corpus.tokenizer.chars:
-            raise CheckpointError(f"{config.resume} was trained on another alphabet than corpus {config.data!r}")
-        start_step = load_checkpoint(config.resume, model, optimizer, scaler=scaler, map_location=device)
-        best_val = saved["extra"].get("best_val_loss", math.inf)
-        evals_without_improvement = saved["extra"].get("evals_without_improvement", 0)
+        _resume(run)
+    if ddp.rank:  # a dropout stream of its own per rank; rank 0 keeps the one a resume restored
+        torch.manual_seed((config.seed + ddp.rank) * 1_000_003 + run.start_step)
+    if config.compile:
+        run.step_model = torch.compile(model)
+    if ddp.world_size > 1:
+        run.step_model = nn.parallel.DistributedDataParallel(
+            run.step_model, device_ids=[device.index] if device.type == "cuda" else None)
     if ddp.is_main:
+        _claim_out_dir(run)
+    return run
+
+
+def _seeded_batches(data: torch.Tensor, config: TrainConfig, device: torch.device) -> BatchSource:
+    def batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(batch_seed(config.seed, step, micro))
+        return get_batch(data, config.batch_size, config.context_length, device, generator)
+    return batch
+
+
+def _resume(run: _Run) -> None:
+    """Load config.resume into the run, after checking that it can continue this run at all."""
+    path = run.config.resume
+    saved = read_checkpoint(path, map_location=run.device)
+    chars = saved["extra"].get("chars")
+    if not (isinstance(chars, list) and chars and all(isinstance(c, str) for c in chars)):
+        raise CheckpointError(f"{path} holds no alphabet (extra['chars']): it was not written by train(), "
+                              f"so it cannot continue a run")
+    if chars != run.corpus.tokenizer.chars:
+        raise CheckpointError(f"{path} was trained on another alphabet than corpus {run.config.data!r}")
+    bad = next((name for name, t in saved["model"].items() if t.is_floating_point() and not t.isfinite().all()), None)
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite weights ({bad}): resume from an earlier checkpoint")
+    run.start_step = load_checkpoint(path, run.model, run.optimizer, scaler=run.scaler, map_location=run.device)
+    run.best_val = float(saved["extra"].get("best_val_loss", math.inf))
+    run.evals_without_improvement = int(saved["extra"].get("evals_without_improvement", 0))
+
+
+RUN_FILES = ("best.pt", "last.pt", "history.jsonl")
+
+
+def _claim_out_dir(run: _Run) -> None:
+    """Create and lock out_dir, and make it this run's: refuse another run's files unless the run
+    resumes from out_dir or overwrite is set. Only now is anything in out_dir changed."""
+    out_dir, config = run.out_dir, run.config
+    try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if not config.resume:
-            history_path.write_text("")
+        run.lock = _lock(out_dir)
+        other_run = [name for name in RUN_FILES if (out_dir / name).is_file() and (out_dir / name).stat().st_size]
+        resumes_here = bool(config.resume) and Path(config.resume).resolve().parent == out_dir.resolve()
+        if other_run and not resumes_here and not config.overwrite:
+            raise ValueError(f"out_dir {out_dir} holds another run ({', '.join(other_run)}): continue it with "
+                             f"--resume {out_dir / 'last.pt'}, replace it with --overwrite, or choose another "
+                             f"--out-dir")
+        if resumes_here:  # drop the entries of updates after the checkpoint: this run redoes them
+            kept = [line for line in _read_lines(run.history_path) if _entry_step(line) <= run.start_step]
+            _replace_text(run.history_path, "".join(kept))
+        else:
+            for name in ("best.pt", "last.pt"):
+                (out_dir / name).unlink(missing_ok=True)
+            _replace_text(run.history_path, "")
+    except OSError as error:
+        _unlock(run)
+        raise OSError(f"cannot use out_dir {out_dir}: {error.strerror or error}") from None
+    except BaseException:
+        _unlock(run)
+        raise
 
-    step_model = torch.compile(model) if config.compile else model
-    if ddp.world_size > 1:
-        step_model = nn.parallel.DistributedDataParallel(
-            step_model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def checkpoint(path: Path, step: int) -> None:
-        save_checkpoint(path, model, optimizer, step, scaler=scaler, config=dataclasses.asdict(config),
-                        chars=corpus.tokenizer.chars, best_val_loss=best_val,
-                        evals_without_improvement=evals_without_improvement)
-
-    def lr_at(step: int) -> float:
-        # Updates are numbered from 1, so the first one already learns (cosine_lr(0) would be 0).
-        if schedule is None:
-            return config.lr
-        return schedule(min(step, config.total_schedule_steps), max_lr=config.lr, min_lr=config.min_lr,
-                        warmup_steps=config.warmup_steps, total_steps=config.total_schedule_steps)
-
-    tokens_per_update = config.batch_size * config.context_length * config.grad_accum_steps * ddp.world_size
-    history: list[dict] = []
-    pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss on device) not yet read back
-    stop_reason, step, written = "max_steps", start_step, 0
-    train_seconds, window_start = 0.0, time.perf_counter()
-    bar = tqdm(total=config.max_steps, initial=start_step, disable=not (config.progress and ddp.is_main),
-               unit="step", dynamic_ncols=True)
-
-    def flush_pending() -> bool:
-        """Read pending losses back from the device; False if any is NaN or infinite."""
-        nonlocal train_seconds, window_start
-        if not pending:
-            return True
-        losses = torch.stack([loss for _, _, loss in pending]).tolist()
-        train_seconds += time.perf_counter() - window_start
-        for (s, lr, _), loss in zip(pending, losses):
-            history.append({"step": s, "lr": lr, "loss": loss})
-        pending.clear()
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{history[-1]['lr']:.2e}",
-                        tok_s=f"{tokens_per_update * len(history) / max(train_seconds, 1e-9):,.0f}")
-        window_start = time.perf_counter()
-        return all(math.isfinite(x) for x in losses)
-
-    model.train()
-    for step in range(start_step + 1, config.max_steps + 1):
-        lr = lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for micro in range(config.grad_accum_steps):
-            generator = torch.Generator().manual_seed(
-                batch_seed(config.seed, step, ddp.rank * config.grad_accum_steps + micro))
-            x, y = get_batch(corpus.train_ids, config.batch_size, config.context_length, device, generator)
-            last_micro = micro == config.grad_accum_steps - 1
-            sync = step_model.no_sync() if ddp.world_size > 1 and not last_micro else contextlib.nullcontext()
-            with sync:
-                with autocast(device, dtype):
-                    loss = cross_entropy(step_model(x), y) / config.grad_accum_steps
-                scaler.scale(loss).backward()
-            step_loss += loss.detach()
-        if config.grad_clip:
-            scaler.unscale_(optimizer)
-            clip_grad_norm(model.parameters(), config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        pending.append((step, lr, step_loss))
-        bar.update(1)
-
-        is_eval = step % config.eval_interval == 0 or step == config.max_steps
-        if step % config.log_interval == 0 or is_eval:
-            if not flush_pending():
-                stop_reason = (f"non-finite loss at or before step {step}: training stopped; the last good "
-                               f"checkpoint is {best_path if best_path.exists() else 'not written yet'}")
+def _lock(out_dir: Path) -> int | None:
+    """Hold an exclusive lock on out_dir/.lock (the kernel releases it when the process ends, even
+    on SIGKILL); refuse when another live run holds it, naming its PID."""
+    if fcntl is None:
+        return None
+    path = out_dir / ".lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RuntimeError(f"out_dir {out_dir} is in use by another training run (PID {holder}); "
+                               f"wait for it to end or choose another --out-dir") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):  # not a file its last holder just removed
                 break
-        if is_eval:
-            stop = torch.zeros(1, device=device)
-            if ddp.is_main:
-                eval_kwargs = dict(batch_size=config.batch_size, context_length=config.context_length,
-                                   batches=config.eval_batches, device=device, dtype=dtype, seed=config.seed)
-                eval_start = time.perf_counter()
-                train_loss = evaluate(model, corpus.train_ids, **eval_kwargs)
-                val_loss = evaluate(model, corpus.val_ids, **eval_kwargs)
-                history[-1].update(train_loss=train_loss, val_loss=val_loss)
-                if not math.isfinite(val_loss):
-                    stop_reason = f"non-finite validation loss at step {step}"
-                    stop[0] = 1
-                else:
-                    if val_loss < best_val:
-                        best_val, evals_without_improvement = val_loss, 0
-                        checkpoint(best_path, step)
-                    else:
-                        evals_without_improvement += 1
-                    checkpoint(last_path, step)
-                    if config.patience and evals_without_improvement >= config.patience:
-                        stop_reason = f"early stopping: no better val loss in {config.patience} evaluations"
-                        stop[0] = 1
-                if config.progress:
-                    bar.write(f"step {step:5d} | train {train_loss:.4f} | val {val_loss:.4f} | lr {lr:.2e} | "
-                              f"{tokens_per_update * len(history) / max(train_seconds, 1e-9):,.0f} tok/s")
-                written = _append_history(history_path, history, written)
-                window_start += time.perf_counter() - eval_start
-            if ddp.world_size > 1:
-                dist.broadcast(stop, src=0)
-            if stop.item():
-                break
-    bar.close()
-    if ddp.is_main:
-        _append_history(history_path, history, written)
-    if ddp.world_size > 1:
-        dist.barrier()
-    return TrainResult(history=history, best_val_loss=best_val,
-                       best_checkpoint=str(best_path) if best_path.exists() else None,
-                       last_checkpoint=str(last_path) if last_path.exists() else None,
-                       step=step, stop_reason=stop_reason,
-                       tokens_per_second=tokens_per_update * len(history) / max(train_seconds, 1e-9),
-                       model=model, tokenizer=corpus.tokenizer, optimizer_name=optimizer_name)
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _unlock(run: _Run) -> None:
+    if run.lock is not None:
+        (run.out_dir / ".lock").unlink(missing_ok=True)  # removed while still held: no one else can hold it
+        os.close(run.lock)
+        run.lock = None
+
+
+def _read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines(keepends=True) if path.is_file() else []
+
+
+def _entry_step(line: str) -> float:
+    """The step of one history line; a line a killed run left half-written counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write a small file atomically: a new complete file, or the old one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --- one update ---------------------------------------------------------------------------
+
+def _lr_at(config: TrainConfig, step: int) -> float:
+    """The LR of update `step`. Updates are numbered from 1, so the first one already learns (cosine_lr(0) is 0)."""
+    schedule = SCHEDULES.get(config.schedule)
+    if schedule is None:
+        return config.lr
+    return schedule(min(step, config.total_schedule_steps), max_lr=config.lr, min_lr=config.min_lr,
+                    warmup_steps=config.warmup_steps, total_steps=config.total_schedule_steps)
+
+
+def _update(run: _Run, step: int, lr: float) -> torch.Tensor:
+    """One optimizer update at learning rate lr; returns its loss, left on the device.
+
+    Gradients of grad_accum_steps micro-batches add up (each loss divided by their number);
+    under DDP only the last micro-batch's backward all-reduces (no_sync on the others)."""
+    config, ddp = run.config, run.ddp
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = torch.zeros((), device=run.device)
+    for micro in range(config.grad_accum_steps):
+        x, y = run.batches(step, ddp.rank * config.grad_accum_steps + micro)
+        last_micro = micro == config.grad_accum_steps - 1
+        sync = run.step_model.no_sync() if ddp.world_size > 1 and not last_micro else contextlib.nullcontext()
+        with sync:
+            with autocast(run.device, run.dtype):
+                loss = cross_entropy(run.step_model(x), y) / config.grad_accum_steps
+            run.scaler.scale(loss).backward()
+        step_loss += loss.detach()
+    if config.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        clip_grad_norm(run.model.parameters(), config.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+class _Throughput:
+    """Training tokens per second; the time between stop() and start() (evaluations) does not count."""
+
+    def __init__(self, tokens_per_update: int):
+        self.tokens_per_update, self.updates, self.seconds = tokens_per_update, 0, 0.0
+        self.start()
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def stop(self, updates: int) -> None:
+        """Count `updates` more, done since start() (call it when the device has finished them)."""
+        self.seconds += time.perf_counter() - self._since
+        self.updates += updates
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_per_update * self.updates / max(self.seconds, 1e-9)
+
+
+def _read_back(run: _Run, pending: list, meter: _Throughput, bar) -> bool:
+    """Move the pending losses from the device into the history (one sync); False if any is not finite."""
+    losses = torch.stack([loss for _, _, loss in pending]).tolist()
+    meter.stop(len(pending))
+    for (step, lr, _), loss in zip(pending, losses):
+        run.history.append({"step": step, "lr": lr, "loss": loss})
+    pending.clear()
+    bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{run.history[-1]['lr']:.2e}", tok_s=f"{meter.tokens_per_second:,.0f}")
+    meter.start()
+    return all(math.isfinite(x) for x in losses)
+
+
+def _agree(run: _Run, non_finite: bool, signum: int) -> tuple[bool, int]:
+    """The stop decision of all ranks together: any rank's non-finite loss or caught signal stops every rank."""
+    if run.ddp.world_size == 1:
+        return non_finite, signum
+    flags = torch.tensor([float(non_finite), float(signum)], device=run.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0].item()), int(flags[1].item())
+
+
+def _non_finite_reason(run: _Run, what: str, step: int) -> str:
+    kept = [f"{path.name} (update {_checkpoint_step(path)})" for path in (run.best_path, run.last_path)
+            if path.exists()] if run.ddp.is_main else []
+    return (f"non-finite {what} at or before update {step}: training stopped; "
+            + (f"the last finite state is in {' and '.join(kept)}" if kept else "no checkpoint was written yet"))
+
+
+def _checkpoint_step(path: Path) -> int | str:
+    with contextlib.suppress(CheckpointError, OSError):
+        return read_checkpoint(path)["step"]
+    return "?"
+
+
+# --- evaluate and checkpoint --------------------------------------------------------------
+
+def _evaluate_and_checkpoint(run: _Run, step: int, lr: float, meter: _Throughput, bar) -> str | None:
+    """Rank 0 measures train and val loss, writes best.pt on a better val loss and last.pt every
+    time, and decides whether to stop; every rank gets the decision. Returns the stop reason or None."""
+    config = run.config
+    decision = torch.zeros(1, device=run.device)  # 0: go on, 1: early stopping, 2: non-finite val loss
+    if run.ddp.is_main:
+        eval_kwargs = dict(batch_size=config.batch_size, context_length=config.context_length,
+                           batches=config.eval_batches, device=run.device, dtype=run.dtype, seed=config.seed)
+        train_loss = evaluate(run.model, run.corpus.train_ids, **eval_kwargs)
+        val_loss = evaluate(run.model, run.corpus.val_ids, **eval_kwargs)
+        run.history[-1].update(train_loss=train_loss, val_loss=val_loss)
+        if not math.isfinite(val_loss):
+            decision[0] = 2
+        else:
+            if val_loss < run.best_val:
+                run.best_val, run.evals_without_improvement = val_loss, 0
+                _save(run, run.best_path, step)
+            else:
+                run.evals_without_improvement += 1
+            _save(run, run.last_path, step)
+            if config.patience and run.evals_without_improvement >= config.patience:
+                decision[0] = 1
+        if config.progress:
+            bar.write(f"step {step:5d} | train {train_loss:.4f} | val {val_loss:.4f} | lr {lr:.2e} | "
+                      f"{meter.tokens_per_second:,.0f} tok/s")
+        _write_history(run)
+        meter.start()
+    if run.ddp.world_size > 1:
+        dist.broadcast(decision, src=0)
+    return {0: None, 1: f"early stopping: no better val loss in {config.patience} evaluations",
+            2: _non_finite_reason(run, "validation loss", step) if decision.item() == 2 else None}[int(decision.item())]
+
+
+def _save(run: _Run, path: Path, step: int) -> None:
+    save_checkpoint(path, run.model, run.optimizer, step, scaler=run.scaler, config=dataclasses.asdict(run.config),
+                    chars=run.corpus.tokenizer.chars, best_val_loss=run.best_val,
+                    evals_without_improvement=run.evals_without_improvement)
+
+
+def _write_history(run: _Run) -> None:
+    """Append the entries not yet in history.jsonl, as strict JSON: a non-finite number is null."""
+    with run.history_path.open("a") as f:
+        for entry in run.history[run.history_written:]:
+            entry = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in entry.items()}
+            f.write(json.dumps(entry, allow_nan=False) + "\n")
+    run.history_written = len(run.history)
+
+
+# --- stopping on a signal -----------------------------------------------------------------
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped train() between two updates; last.pt holds the state after `step`."""
+
+    def __init__(self, signum: int, step: int, last_checkpoint: str):
+        self.signum, self.step, self.last_checkpoint = signum, step, last_checkpoint
+        super().__init__(f"{signal.Signals(signum).name} after update {step}; {last_checkpoint} holds it: "
+                         f"resume with --resume {last_checkpoint}")
+
+
+class _StopSignals:
+    """Turns the first SIGINT or SIGTERM into a flag (`caught`) that the loop reads between updates.
+    The previous handlers come back at once, so a second Ctrl-C interrupts as usual."""
+
+    def __enter__(self) -> "_StopSignals":
+        self.caught, self._previous = 0, {}
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._catch)
+        return self
+
+    def _catch(self, signum: int, frame) -> None:
+        self.caught = self.caught or signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def __exit__(self, *exc_info) -> None:
+        self._restore()
+
+
+def _stop_on_signal(run: _Run, step: int, signum: int) -> None:
+    """Write last.pt (the losses up to `step` are finite) and the history, then raise TrainingInterrupted."""
+    if run.ddp.is_main:
+        _save(run, run.last_path, step)
+        _write_history(run)
+    if run.ddp.world_size > 1:
+        dist.barrier()  # rank 0 has written last.pt before any rank exits (torchrun then stops the rest)
+    raise TrainingInterrupted(signum, step, str(run.last_path))
 
 
 # ----------------------------------------------------------------------------------------
 # Command line: python training.py [--field value ...]
 # ----------------------------------------------------------------------------------------
 
+EXIT_DIVERGED = 3
+EXIT_CODES = f"""exit status:
+  0    the run finished (max_steps or early stopping)
+  1    an error, named on stderr: unusable data or checkpoint, an out_dir that holds another
+       run, is in use by a live run or cannot be written (the earlier checkpoints stay)
+  2    a bad flag
+  {EXIT_DIVERGED}    the loss or validation loss became NaN or infinite: training stopped, and best.pt
+       and last.pt hold the last finite state
+  130  SIGINT (Ctrl-C) between two updates: last.pt holds the last update; rerun with
+       --resume OUT_DIR/last.pt to continue
+  143  SIGTERM: as SIGINT"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Flag defaults in the help, and the exit-status table kept as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's parser: one --flag per TrainConfig field, with its default, help and choices."""
     parser = argparse.ArgumentParser(
         description="Train the tiny GPT on a character-level corpus, then print a sample.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=EXIT_CODES, formatter_class=_HelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
@@ -1153,7 +1542,7 @@ def sample_text(model: nn.Module, tokenizer: CharTokenizer, chars: int, *, promp
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python training.py [flags]`: train, print the summary and a sample; returns the exit code."""
+    """`python training.py [flags]`: train, print the summary and a sample; returns the exit status (EXIT_CODES)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -1161,23 +1550,40 @@ def main(argv: list[str] | None = None) -> int:
     except (TypeError, ValueError) as error:
         name = re.search(r"TrainConfig\.(\w+)", str(error))
         parser.error(f"--{name.group(1).replace('_', '-')}: {error}" if name else str(error))
+    is_main = int(os.environ.get("RANK", "0")) == 0
     try:
         result = train(config)
-    except (ValueError, RuntimeError, FileNotFoundError) as error:
+    except TrainingInterrupted as stop:
+        if is_main:
+            print(f"\ninterrupted by {signal.Signals(stop.signum).name} after update {stop.step}; "
+                  f"{stop.last_checkpoint} holds it. To continue, rerun the same command with "
+                  f"--resume {stop.last_checkpoint}", file=sys.stderr)
+        return 128 + stop.signum
+    except KeyboardInterrupt:
+        print("\ninterrupted before the first update", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except (ValueError, RuntimeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    diverged = result.stop_reason.startswith("non-finite")
+    if not is_main:
+        return EXIT_DIVERGED if diverged else 0
+    if diverged:
+        print(f"error: {result.stop_reason}", file=sys.stderr)
+        return EXIT_DIVERGED
     print(f"\n{result.stop_reason} after {result.step} updates | best val loss {result.best_val_loss:.4f} "
           f"(perplexity {perplexity(result.best_val_loss):.2f}) | {result.tokens_per_second:,.0f} tokens/s | "
           f"{result.optimizer_name}")
     if result.best_checkpoint and config.sample_chars:
         load_checkpoint(result.best_checkpoint, result.model)
+        # a new line is the natural start of a play; a corpus without one starts from its first character
+        prompt = "\n" if "\n" in result.tokenizer.stoi else result.tokenizer.chars[0]
         print(f"\n--- sample from {result.best_checkpoint} ---")
-        print(sample_text(result.model, result.tokenizer, config.sample_chars, seed=config.seed))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0 if math.isfinite(result.best_val_loss) else 1
+        print(sample_text(result.model, result.tokenizer, config.sample_chars, prompt=prompt, seed=config.seed))
+    return 0
 
 
 if __name__ == "__main__":

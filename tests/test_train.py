@@ -140,23 +140,22 @@ def test_micro_batches_give_the_gradient_of_one_big_batch(tiny_gpt):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
 
 
-def test_train_with_accumulation_equals_one_big_batch(tiny_train_config, monkeypatch, tmp_path):
+def test_train_with_accumulation_equals_one_big_batch(tiny_train_config, corpus_slice_file, tmp_path):
     """train(batch_size=4, grad_accum_steps=4) updates like train(batch_size=16): the same 16 sequences."""
-    real_get_batch = training.get_batch
+    data = training.load_corpus(str(corpus_slice_file)).train_ids
 
-    def split_batch(data, batch_size, context_length, device="cpu", generator=None):
-        # Recover (step, micro-batch) from training.batch_seed (config seed 0) and serve that
-        # micro-batch's rows of one fixed 16-sequence batch per step.
-        seed = generator.initial_seed()
-        step, micro = seed // 4096, seed % 4096
-        x, y = real_get_batch(data, 16, context_length, device, torch.Generator().manual_seed(step))
-        rows = slice(micro * batch_size, (micro + 1) * batch_size)
-        return x[rows], y[rows]
-    monkeypatch.setattr(training, "get_batch", split_batch)
+    def rows_of_one_big_batch(batch_size):
+        def batches(step, micro):  # micro-batch `micro` of update `step`: its rows of one 16-sequence batch
+            x, y = training.get_batch(data, 16, 32, "cpu", torch.Generator().manual_seed(step))
+            rows = slice(micro * batch_size, (micro + 1) * batch_size)
+            return x[rows], y[rows]
+        return batches
     settings = dict(max_steps=4, eval_interval=4, optimizer="sgd", beta1=0.0, lr=0.1, grad_clip=0.0)
-    accumulated = training.train(tiny_train_config(batch_size=4, grad_accum_steps=4, **settings))
+    accumulated = training.train(tiny_train_config(batch_size=4, grad_accum_steps=4, **settings),
+                                 batches=rows_of_one_big_batch(4))
     one_batch = training.train(tiny_train_config(batch_size=16, grad_accum_steps=1,
-                                                 out_dir=str(tmp_path / "one_batch"), **settings))
+                                                 out_dir=str(tmp_path / "one_batch"), **settings),
+                               batches=rows_of_one_big_batch(16))
     for a, b in zip(accumulated.model.parameters(), one_batch.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     losses = lambda result: [entry["loss"] for entry in result.history]
