@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
+import io
 import json
 import math
 import os
@@ -804,7 +805,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     states, the model config, and any `extra` values (plain Python types and tensors only,
     so that weights_only loading can read them). The file is written to a temporary name
     in the same folder and renamed over `path` only when complete: a crash mid-write
-    leaves the previous checkpoint intact.
+    leaves the previous checkpoint intact, a failed write (disk full) raises an OSError
+    naming `path`, and the temporary files of saves killed earlier are removed.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
@@ -821,30 +823,34 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         "rng": _rng_state(),
         "extra": extra,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path.parent, ".tmp")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
+    buffer = io.BytesIO()  # serialized in memory first, so that a failed disk write raises a real OSError
+    torch.save(checkpoint, buffer)
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path.parent, ".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
-        raise OSError(f"could not write {path} ({reason}); any earlier {path.name} is unchanged") from None
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as error:
+        if tmp:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(error, OSError):  # disk full, file too large, permission denied
+            raise OSError(f"could not write {path} ({error.strerror or error}); "
+                          f"any earlier {path.name} is unchanged") from None
         raise
     return path
 
 
 def read_checkpoint(path: str | Path, map_location=None) -> dict:
-    """Load a checkpoint dict with weights_only=True: tensors and plain data only, no code runs."""
+    """Load a checkpoint dict with weights_only=True: tensors and plain data only, no code runs.
+
+    A file whose bytes changed since it was written (zip CRC-32), that holds code, is not a
+    checkpoint or lacks one of its entries raises CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -923,8 +929,8 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
                     scheduler=None, scaler: torch.amp.GradScaler | None = None, map_location=None) -> int:
     """Restore model (and, when given, optimizer, scheduler, scaler) and the RNG states; return the step.
 
-    Loads with weights_only=True. A file that is not a checkpoint, is truncated, holds
-    code, or does not fit the model raises CheckpointError and changes nothing.
+    Loads with weights_only=True. A file that is not a checkpoint, is truncated or damaged,
+    holds code, or does not fit the model raises CheckpointError and changes nothing.
     """
     checkpoint = read_checkpoint(path, map_location=map_location)
     model = unwrap(model)
@@ -1095,7 +1101,7 @@ def train(config: TrainConfig, *, batches: BatchSource | None = None) -> TrainRe
                     finite = _read_back(run, pending, meter, bar)
                     non_finite, signum = _agree(run, not finite, signals.caught or 0)
                     if non_finite:
-                        stop_reason = _non_finite_reason(run, "loss", step)
+                        stop_reason = _non_finite_reason(run, f"loss at or before update {step}")
                         break
                     if signum:
                         _stop_on_signal(run, step, signum)
@@ -1386,10 +1392,10 @@ def _agree(run: _Run, non_finite: bool, signum: int) -> tuple[bool, int]:
     return bool(flags[0].item()), int(flags[1].item())
 
 
-def _non_finite_reason(run: _Run, what: str, step: int) -> str:
+def _non_finite_reason(run: _Run, what: str) -> str:
     kept = [f"{path.name} (update {_checkpoint_step(path)})" for path in (run.best_path, run.last_path)
             if path.exists()] if run.ddp.is_main else []
-    return (f"non-finite {what} at or before update {step}: training stopped; "
+    return (f"non-finite {what}: training stopped; "
             + (f"the last finite state is in {' and '.join(kept)}" if kept else "no checkpoint was written yet"))
 
 
@@ -1430,8 +1436,11 @@ def _evaluate_and_checkpoint(run: _Run, step: int, lr: float, meter: _Throughput
         meter.start()
     if run.ddp.world_size > 1:
         dist.broadcast(decision, src=0)
-    return {0: None, 1: f"early stopping: no better val loss in {config.patience} evaluations",
-            2: _non_finite_reason(run, "validation loss", step) if decision.item() == 2 else None}[int(decision.item())]
+    if decision.item() == 1:
+        return f"early stopping: no better val loss in {config.patience} evaluations"
+    if decision.item() == 2:
+        return _non_finite_reason(run, f"validation loss at update {step}")
+    return None
 
 
 def _save(run: _Run, path: Path, step: int) -> None:

@@ -1,4 +1,5 @@
 """save_checkpoint / load_checkpoint: round trip, atomic writes, safe loading, clear errors, bit-exact resume."""
+import os
 import pickle
 
 import pytest
@@ -61,11 +62,10 @@ def test_crash_mid_write_leaves_the_old_checkpoint_intact(tiny_gpt, tmp_path, mo
     save_checkpoint(path, tiny_gpt, None, 1)
     old_bytes = path.read_bytes()
 
-    def crashing_save(obj, f, *args, **kwargs):
-        f.write(old_bytes[: len(old_bytes) // 3])  # some bytes reach the disk, then the "crash"
-        raise OSError("disk full")
-    monkeypatch.setattr(torch, "save", crashing_save)
-    with pytest.raises(OSError, match="disk full"):
+    def disk_full(fd):  # the bytes went to the temporary file; the disk fails to keep them
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match=r"could not write .*last\.pt \(No space left on device\)"):
         save_checkpoint(path, tiny_gpt, None, 2)
     assert path.read_bytes() == old_bytes
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
@@ -184,3 +184,43 @@ def test_resume_is_bit_exact(tiny_train_config, tmp_path):
     losses = lambda history: [(entry["step"], entry["lr"], entry["loss"]) for entry in history]
     assert losses(first.history) + losses(resumed.history) == losses(straight.history)
     assert resumed.history[-1]["val_loss"] == straight.history[-1]["val_loss"]
+
+
+def test_changed_tensor_bytes_fail_the_crc_check(tiny_gpt, tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt.pt", tiny_gpt, None, 0)
+    raw = bytearray(path.read_bytes())
+    start = raw.index(tiny_gpt.state_dict()["tok_emb.weight"].numpy().tobytes()[:64])  # inside the tensor data
+    raw[start:start + 8] = bytes(b ^ 0xFF for b in raw[start:start + 8])
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="damaged.*CRC-32"):
+        read_checkpoint(path)
+
+
+@pytest.mark.parametrize("change", [
+    lambda c: c.pop("extra"), lambda c: c.pop("rng"), lambda c: c.update(step="7"),
+    lambda c: c.update(model=[1, 2]), lambda c: c["rng"].pop("python"), lambda c: c.update(optimizer=3),
+], ids=["no extra", "no rng", "step str", "model list", "no python rng", "optimizer int"])
+def test_malformed_checkpoint_dicts_are_checkpoint_errors(tiny_gpt, tmp_path, change):
+    path = save_checkpoint(tmp_path / "ckpt.pt", tiny_gpt, None, 0)
+    checkpoint = torch.load(path, weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match="malformed checkpoint"):
+        load_checkpoint(path, tiny_gpt)
+
+
+def test_optimizer_state_of_another_model_is_a_checkpoint_error(tiny_gpt, tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt.pt", tiny_gpt, torch.optim.SGD(tiny_gpt.parameters(), lr=0.1), 0)
+    other = training.AdamW([torch.nn.Parameter(torch.zeros(3))])
+    with pytest.raises(CheckpointError, match="optimizer state does not fit"):
+        load_checkpoint(path, tiny_gpt, other)
+
+
+def test_a_save_removes_only_the_temporary_files_of_dead_writers(tiny_gpt, tmp_path):
+    dead, old, live = (tmp_path / name for name in (".last.pt.99999999.abcd1234.tmp", ".best.pt.k3j_9x0q.tmp",
+                                                     f".last.pt.{os.getpid()}.abcd1234.tmp"))
+    other = tmp_path / "notes.tmp"
+    for path in (dead, old, live, other):
+        path.write_bytes(b"partial")
+    save_checkpoint(tmp_path / "last.pt", tiny_gpt, None, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "last.pt"])
