@@ -95,7 +95,7 @@ def hand_loop_vs_trainer(shape, batch, steps, rounds, corpus, device, dtype, out
     each side stops the first run's one-off costs and background load from favouring one."""
     config = training.TrainConfig(out_dir=str(out_dir), batch_size=batch, max_steps=steps, warmup_steps=0,
                                   eval_interval=steps, eval_batches=1, sample_chars=0, progress=False,
-                                  device=str(device), **shape)
+                                  device=str(device), overwrite=True, **shape)  # one out_dir for every round
     hand, trainer = [], []
     for _ in range(rounds):
         model = make_model(corpus.tokenizer.vocab_size, device, **shape)
@@ -298,7 +298,7 @@ def updates_per_second(overrides, mode, workdir):
     steps = mode["trainer_steps"]
     probe = training.train(training.TrainConfig(**{**overrides, "eval_batches": 1}, out_dir=str(workdir / "probe"),
                                                 max_steps=steps, warmup_steps=0, eval_interval=steps,
-                                                sample_chars=0, progress=False))
+                                                sample_chars=0, progress=False, overwrite=True))
     config = training.TrainConfig(**overrides)
     return probe.tokens_per_second / (config.batch_size * config.context_length)
 

@@ -45,9 +45,14 @@ def tiny_gpt(tiny_gpt_config) -> GPT:
 
 @pytest.fixture
 def tiny_train_config(corpus_slice_file, tmp_path):
-    """A factory of TrainConfig for a seconds-long CPU run on the corpus slice; keyword overrides win."""
+    """A factory of TrainConfig for a seconds-long CPU run on the corpus slice; keyword overrides win.
+    Each config gets an out_dir of its own (out, out-2, ...): a run refuses another run's out_dir."""
+    made = []
+
     def make(**overrides) -> training.TrainConfig:
-        settings = dict(data=str(corpus_slice_file), out_dir=str(tmp_path / "out"), context_length=32,
+        made.append(1)
+        out_dir = tmp_path / ("out" if len(made) == 1 else f"out-{len(made)}")
+        settings = dict(data=str(corpus_slice_file), out_dir=str(out_dir), context_length=32,
                         d_model=32, n_layers=2, n_heads=2, d_ff=64, batch_size=8, max_steps=20,
                         warmup_steps=2, eval_interval=10, eval_batches=2, log_interval=1, device="cpu",
                         dtype="fp32", sample_chars=0, progress=False, seed=0)
