@@ -99,3 +99,34 @@ def test_resume_with_a_different_number_of_processes(runs, tmp_path):
     resumed, straight = weights(tmp_path), weights(runs["root"] / "single")
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], atol=ATOL, rtol=RTOL, msg=name)
+
+
+DROPOUT_DRAWS = """
+import json, sys, torch, torch.distributed as dist, training
+config = training.TrainConfig(data=sys.argv[1], out_dir=sys.argv[2], device="cpu", dtype="fp32", dropout=0.1,
+                              context_length=32, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_steps=4,
+                              warmup_steps=0)
+run = training._build_run(config, None)
+draws = [None] * run.ddp.world_size if dist.is_initialized() else None
+if dist.is_initialized():
+    dist.all_gather_object(draws, torch.rand(4).tolist())
+    dist.destroy_process_group()
+print(json.dumps(draws or [torch.rand(4).tolist()]))
+"""
+
+
+def test_each_rank_draws_its_own_dropout_masks(corpus_slice_file, tmp_path):
+    script = tmp_path / "draws.py"
+    script.write_text(DROPOUT_DRAWS)
+
+    def draws(*launcher, out):
+        done = subprocess.run([sys.executable, *launcher, str(script), str(corpus_slice_file), str(tmp_path / out)],
+                              capture_output=True, text=True, timeout=300, cwd=os.path.dirname(training.__file__),
+                              env={**os.environ, "OMP_NUM_THREADS": "1",
+                                   "PYTHONPATH": os.path.dirname(training.__file__)})
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    two = draws("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", out="ddp")
+    one = draws(out="single")
+    assert two[0] != two[1]  # the ranks' global generators (dropout) differ ...
+    assert two[0] == one[0]  # ... and rank 0 keeps the stream a single process has
