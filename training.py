@@ -1239,6 +1239,8 @@ def _claim_out_dir(run: _Run) -> None:
     """Create and lock out_dir, and make it this run's: refuse another run's files unless the run
     resumes from out_dir or overwrite is set. Only now is anything in out_dir changed."""
     out_dir, config = run.out_dir, run.config
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"cannot use out_dir {out_dir}: it is a file, not a folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         run.lock = _lock(out_dir)

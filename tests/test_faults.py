@@ -277,7 +277,7 @@ def test_an_out_dir_that_is_a_file(data, tmp_path):
     not_a_folder = tmp_path / "out"
     not_a_folder.write_text("precious\n")
     done = cli(data, not_a_folder, "--max-steps", "4")
-    assert_clean_error(done, 1, f"cannot use out_dir {not_a_folder}")
+    assert_clean_error(done, 1, f"cannot use out_dir {not_a_folder}: it is a file, not a folder")
     assert not_a_folder.read_text() == "precious\n"
 
 
