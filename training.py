@@ -965,7 +965,7 @@ class TrainResult:
     best_checkpoint: str | None    # path of the checkpoint with the best val loss
     last_checkpoint: str | None
     step: int                      # updates done
-    stop_reason: str               # 'max_steps', 'early stopping ...', 'non-finite loss ...'
+    stop_reason: str               # 'max_steps', 'early stopping ...', 'non-finite ...' (the CLI exits 3)
     tokens_per_second: float       # training throughput (all processes), evaluation excluded
     model: nn.Module = field(repr=False)
     tokenizer: CharTokenizer = field(repr=False)
