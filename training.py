@@ -71,6 +71,12 @@ class TrainConfig:
     n_heads: int = _opt(4, "attention heads per block")
     d_ff: int = _opt(512, "hidden width of each MLP")
     dropout: float = _opt(0.0, "dropout probability")
+    # architecture options of m06_transformer.GPTConfig; the defaults are module 06's GPT
+    rotary: bool = _opt(False, "rotary position embeddings in attention instead of a learned position table")
+    qk_norm: bool = _opt(False, "RMS-normalise each head's queries and keys")
+    mlp_activation: str = _opt("gelu", "MLP activation; relu2 is relu(x)^2", ["gelu", "relu2"])
+    zero_init_proj: bool = _opt(False, "initialise the blocks' output projections to zero")
+    tie_head: bool = _opt(True, "LM head shares the token embedding's matrix (--no-tie-head: its own)")
     # optimisation. The defaults come from a sweep on a 2-core CPU at equal tokens: many small
     # updates (16 x 64 characters) at a high peak LR beat fewer, larger ones (README: Decisions).
     batch_size: int = _opt(16, "sequences per micro-batch (per process under torchrun)")
@@ -141,6 +147,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.d_model % self.n_heads:
             raise ValueError(f"TrainConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.rotary and (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"TrainConfig.rotary needs an even head size, got d_model / n_heads = "
+                             f"{self.d_model // self.n_heads}")
         if self.warmup_steps > self.total_schedule_steps:
             raise ValueError(f"TrainConfig.warmup_steps ({self.warmup_steps}) exceeds the schedule length "
                              f"({self.total_schedule_steps})")
@@ -1086,6 +1095,14 @@ class TrainResult:
     optimizer_name: str = ""
 
 
+def gpt_config(config: TrainConfig, vocab_size: int) -> GPTConfig:
+    """The model that config describes, for a tokenizer of vocab_size tokens."""
+    return GPTConfig(vocab_size=vocab_size, context_length=config.context_length, d_model=config.d_model,
+                     n_layers=config.n_layers, n_heads=config.n_heads, d_ff=config.d_ff, dropout=config.dropout,
+                     rotary=config.rotary, qk_norm=config.qk_norm, mlp_activation=config.mlp_activation,
+                     zero_init_proj=config.zero_init_proj, tie_head=config.tie_head)
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
     """The optimizer named by config.optimizer, with weight decay on matrices only.
 
@@ -1216,9 +1233,7 @@ def train(config: TrainConfig) -> TrainResult:
     random.seed(config.seed)
 
     corpus = load_corpus(config.data)
-    model = GPT(GPTConfig(vocab_size=corpus.tokenizer.vocab_size, context_length=config.context_length,
-                          d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
-                          d_ff=config.d_ff, dropout=config.dropout)).to(device)
+    model = GPT(gpt_config(config, corpus.tokenizer.vocab_size)).to(device)
     optimizer, optimizer_name = build_optimizer(model, config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     schedule = SCHEDULES.get(config.schedule)
