@@ -367,11 +367,10 @@ NS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def newton_schulz_dtype(name: str, device: torch.device) -> torch.dtype:
     """The dtype Muon's Newton-Schulz iteration runs in: 'fp32', 'bf16', or 'auto', which is
-    bf16 where bf16 matmuls are native (CUDA, compute capability >= 8.0) and fp32 elsewhere:
-    CPUs without bf16 hardware run bf16 matmuls several times slower than fp32 ones."""
+    bf16 where bf16 matmuls are native (has_native_bf16: CUDA, compute capability >= 8.0) and
+    fp32 elsewhere: CPUs without bf16 hardware run bf16 matmuls several times slower than fp32."""
     if name == "auto":
-        native = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
-        return torch.bfloat16 if native else torch.float32
+        return torch.bfloat16 if has_native_bf16(device) else torch.float32
     if name not in NS_DTYPES:
         raise ValueError(f"ns_dtype must be one of {['auto', *NS_DTYPES]}, got {name!r}")
     return NS_DTYPES[name]
