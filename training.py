@@ -4,7 +4,7 @@ Every piece a language-model trainer needs, written from scratch in plain PyTorc
 checked against PyTorch's own versions in tests/ and in the lessons:
 
     loss          cross_entropy, perplexity
-    optimizers    SGD, AdamW                     (torch.optim.Optimizer subclasses)
+    optimizers    SGD, AdamW, Muon, MuonWithAdamW (torch.optim.Optimizer subclasses)
     schedules     cosine_lr, linear_lr, CosineScheduler
     stability     clip_grad_norm, gradient accumulation, a NaN/inf guard
     data          CharTokenizer, load_corpus, download_corpus, get_batch
@@ -80,14 +80,21 @@ class TrainConfig:
     n_heads: int = _opt(4, "attention heads per block")
     d_ff: int = _opt(512, "hidden width of each MLP")
     dropout: float = _opt(0.0, "dropout probability")
+    # architecture options of m06_transformer.GPTConfig; the defaults are module 06's GPT
+    rotary: bool = _opt(False, "rotary position embeddings in attention instead of a learned position table")
+    qk_norm: bool = _opt(False, "RMS-normalise each head's queries and keys")
+    mlp_activation: str = _opt("gelu", "MLP activation; relu2 is relu(x)^2", ["gelu", "relu2"])
+    zero_init_proj: bool = _opt(False, "initialise the blocks' output projections to zero")
+    tie_head: bool = _opt(True, "LM head shares the token embedding's matrix (--no-tie-head: its own)")
     # optimisation. The defaults come from a sweep on a 2-core CPU at equal tokens: many small
     # updates (16 x 64 characters) at a high peak LR beat fewer, larger ones (README: Decisions).
     batch_size: int = _opt(16, "sequences per micro-batch (per process under torchrun)")
     grad_accum_steps: int = _opt(1, "micro-batches accumulated into one update")
     max_steps: int = _opt(3500, "optimizer updates to run")
     decay_steps: int = _opt(0, "length of the LR schedule in updates; 0 means max_steps")
-    optimizer: str = _opt("auto", "'auto' picks the fastest correct AdamW for the device",
-                          ["auto", "adamw", "adamw-foreach", "torch-adamw", "sgd"])
+    optimizer: str = _opt("auto", "'auto' picks the fastest correct AdamW for the device; 'muon': Muon on "
+                          "the hidden matrices, AdamW on embeddings, head, biases and norms",
+                          ["auto", "adamw", "adamw-foreach", "torch-adamw", "sgd", "muon"])
     lr: float = _opt(6e-3, "peak learning rate")
     min_lr: float = _opt(6e-4, "learning rate at the end of the schedule")
     warmup_steps: int = _opt(100, "linear warmup updates")
@@ -96,6 +103,13 @@ class TrainConfig:
     beta1: float = _opt(0.9, "AdamW beta1 (SGD momentum when --optimizer sgd)")
     beta2: float = _opt(0.99, "AdamW beta2")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this; 0 disables")
+    # Muon (--optimizer muon) follows --lr's schedule and --weight-decay: its update is scaled to
+    # an RMS of muon_rms * lr, and 0.2 is about AdamW's (Moonshot's match_rms_adamw convention).
+    muon_momentum: float = _opt(0.95, "Muon's (Nesterov) momentum")
+    muon_rms: float = _opt(0.2, "RMS of a Muon update per unit of LR (0.2: as large as AdamW's)")
+    muon_ns_steps: int = _opt(5, "Newton-Schulz iterations per Muon update")
+    muon_dtype: str = _opt("auto", "Newton-Schulz dtype; 'auto': bf16 on CUDA with compute capability "
+                           ">= 8.0, else fp32", ["auto", "fp32", "bf16"])
     # evaluation and early stopping
     eval_interval: int = _opt(500, "evaluate every this many updates (and at the end)")
     eval_batches: int = _opt(20, "batches averaged per evaluation (the same ones every time)")
@@ -132,7 +146,8 @@ class TrainConfig:
             if choices and value not in choices:
                 raise ValueError(f"TrainConfig.{f.name} must be one of {choices}, got {value!r}")
         positive = ["context_length", "d_model", "n_layers", "n_heads", "d_ff", "batch_size",
-                    "grad_accum_steps", "max_steps", "eval_interval", "eval_batches", "log_interval", "lr"]
+                    "grad_accum_steps", "max_steps", "eval_interval", "eval_batches", "log_interval", "lr",
+                    "muon_rms", "muon_ns_steps"]
         non_negative = ["decay_steps", "warmup_steps", "patience", "min_lr", "weight_decay",
                         "grad_clip", "sample_chars", "seed"]
         for name in positive:
@@ -141,13 +156,18 @@ class TrainConfig:
         for name in non_negative:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("dropout", "beta1", "beta2"):
+        for name in ("dropout", "beta1", "beta2", "muon_momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.muon_ns_steps >= 100:
+            raise ValueError(f"TrainConfig.muon_ns_steps must be < 100, got {self.muon_ns_steps!r}")
         if self.min_lr > self.lr:
             raise ValueError(f"TrainConfig.min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.d_model % self.n_heads:
             raise ValueError(f"TrainConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.rotary and (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"TrainConfig.rotary needs an even head size, got d_model / n_heads = "
+                             f"{self.d_model // self.n_heads}")
         if self.warmup_steps > self.total_schedule_steps:
             raise ValueError(f"TrainConfig.warmup_steps ({self.warmup_steps}) exceeds the schedule length "
                              f"({self.total_schedule_steps})")
@@ -308,17 +328,20 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-            if params:
-                (self._step_foreach if group["foreach"] else self._step_loop)(group, params)
+            self._adamw_group(group)
         return loss
+
+    def _adamw_group(self, group: dict) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+        if params:
+            (self._step_foreach if group["foreach"] else self._step_loop)(group, params)
 
     def _step_loop(self, group: dict, params: list[torch.Tensor]) -> None:
         lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
@@ -352,6 +375,213 @@ class AdamW(torch.optim.Optimizer):
             torch._foreach_div_(denom, math.sqrt(1 - beta2 ** t))
             torch._foreach_add_(denom, eps)
             torch._foreach_addcdiv_(ps, ms, denom, value=-lr / (1 - beta1 ** t))
+
+
+# Newton-Schulz coefficients of Keller Jordan's Muon (torch.optim.Muon's defaults): a quintic
+# with a steep slope at 0, so that 5 steps lift even small singular values close to 1.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def newton_schulz_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype Muon's Newton-Schulz iteration runs in: 'fp32', 'bf16', or 'auto', which is
+    bf16 where bf16 matmuls are native (has_native_bf16: CUDA, compute capability >= 8.0) and
+    fp32 elsewhere: CPUs without bf16 hardware run bf16 matmuls several times slower than fp32."""
+    if name == "auto":
+        return torch.bfloat16 if has_native_bf16(device) else torch.float32
+    if name not in NS_DTYPES:
+        raise ValueError(f"ns_dtype must be one of {['auto', *NS_DTYPES]}, got {name!r}")
+    return NS_DTYPES[name]
+
+
+def newton_schulz(matrix: torch.Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                  eps: float = 1e-7, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Orthogonalise a matrix [A, B] (or a batch [N, A, B]) approximately: U S V^T -> U S' V^T, S' ~ 1.
+
+    Dividing by the Frobenius norm (>= the largest singular value) puts every singular value in
+    [0, 1]; each step X <- a X + (b G + c G^2) X with G = X X^T then maps every singular value s
+    to a s + b s^3 + c s^5 and leaves the singular vectors alone. With the default coefficients,
+    5 steps take any s above ~1e-3 into about [0.7, 1.2] (tests/test_muon.py computes the band).
+    Runs in `dtype` on the wide orientation (A <= B, the smaller Gram matrix); returns matrix's dtype.
+    """
+    a, b, c = coefficients
+    x = matrix.to(dtype)
+    tall = matrix.size(-2) > matrix.size(-1)
+    if tall:
+        x = x.mT
+    x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
+    multiply_add = torch.addmm if x.dim() == 2 else torch.baddbmm  # beta * input + alpha * m1 @ m2
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = multiply_add(x, multiply_add(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.mT if tall else x).to(matrix.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum orthogonalised by Newton-Schulz, for 2-D hidden weight matrices; as torch.optim.Muon.
+
+    Per matrix W [A, B] with gradient G (the buffer M starts at 0):
+        M <- momentum * M + (1 - momentum) * G
+        U  = (1 - momentum) * G + momentum * M      Nesterov look-ahead (U = M when nesterov=False)
+        W <- W * (1 - lr * weight_decay)            decoupled weight decay
+        W <- W - lr * scale(A, B) * newton_schulz(U)
+    A gradient matrix is dominated by a few directions; orthogonalising its momentum gives every
+    direction the same step size. newton_schulz(U) has RMS ~ 1/sqrt(max(A, B)), hence the scale:
+      'match_rms_adamw' (our default; Moonshot's "Muon is Scalable for LLM Training"):
+          rms * sqrt(max(A, B)), so the update has RMS ~ rms * lr. With rms=0.2, about AdamW's,
+          Muon uses AdamW's LR, schedule and weight decay: the one LR that train() sets on every
+          param group suits both rules of MuonWithAdamW.
+      'original' (Keller Jordan; torch's default): sqrt(max(1, A / B)); needs its own LR (~0.02).
+    ns_dtype: 'auto' (bf16 on CUDA with compute capability >= 8.0, else fp32), 'fp32' or 'bf16'
+    (torch.optim.Muon always iterates in bf16). foreach=True updates the buffers with multi-tensor
+    kernels and orthogonalises all matrices of one shape in a single batched iteration.
+    """
+
+    ADJUST_LR = ("match_rms_adamw", "original")
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.1, adjust_lr: str = "match_rms_adamw", rms: float = 0.2,
+                 ns_steps: int = 5, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                 eps: float = 1e-7, ns_dtype: str = "auto", foreach: bool = False):
+        _check_hyper("lr", lr)
+        _check_hyper("momentum", momentum, 0.0, 1.0)
+        _check_hyper("weight_decay", weight_decay)
+        _check_hyper("rms", rms)
+        _check_hyper("eps", eps)
+        if not isinstance(nesterov, bool):
+            raise ValueError(f"nesterov must be a bool, got {nesterov!r}")
+        if adjust_lr not in self.ADJUST_LR:
+            raise ValueError(f"adjust_lr must be one of {list(self.ADJUST_LR)}, got {adjust_lr!r}")
+        if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 1 <= ns_steps < 100:
+            raise ValueError(f"ns_steps must be an int in [1, 100), got {ns_steps!r}")
+        if not (isinstance(ns_coefficients, (tuple, list)) and len(ns_coefficients) == 3
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in ns_coefficients)):
+            raise ValueError(f"ns_coefficients must be three numbers (a, b, c), got {ns_coefficients!r}")
+        if ns_dtype != "auto" and ns_dtype not in NS_DTYPES:
+            raise ValueError(f"ns_dtype must be one of {['auto', *NS_DTYPES]}, got {ns_dtype!r}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                                      adjust_lr=adjust_lr, rms=rms, ns_steps=ns_steps,
+                                      ns_coefficients=tuple(ns_coefficients), eps=eps, ns_dtype=ns_dtype,
+                                      foreach=foreach))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ValueError(f"Muon takes 2-D weight matrices only, got a parameter of shape "
+                                     f"{list(p.shape)}; give biases, norms and embeddings to AdamW "
+                                     f"(split_params_for_muon, MuonWithAdamW)")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._muon_group(group)
+        return loss
+
+    def _muon_group(self, group: dict) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        if params:
+            (self._muon_foreach if group["foreach"] else self._muon_loop)(group, params)
+
+    @staticmethod
+    def _orthogonalise(group: dict, update: torch.Tensor) -> torch.Tensor:
+        return newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["eps"],
+                             newton_schulz_dtype(group["ns_dtype"], update.device))
+
+    @staticmethod
+    def _lr_scale(group: dict, shape: torch.Size) -> float:
+        rows, cols = shape
+        if group["adjust_lr"] == "original":
+            return math.sqrt(max(1, rows / cols))
+        return group["rms"] * math.sqrt(max(rows, cols))
+
+    def _muon_loop(self, group: dict, params: list[torch.Tensor]) -> None:
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        for p in params:
+            buf = self.state[p]["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - momentum)
+            update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+            p.mul_(1 - lr * weight_decay)
+            p.add_(self._orthogonalise(group, update), alpha=-lr * self._lr_scale(group, p.shape))
+
+    def _muon_foreach(self, group: dict, params: list[torch.Tensor]) -> None:
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        grads = [p.grad for p in params]
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - momentum)
+        updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+        same_shape: dict[tuple, list[int]] = {}  # one batched Newton-Schulz per shape: fewer, larger matmuls
+        for i, p in enumerate(params):
+            same_shape.setdefault((p.shape, p.dtype, p.device), []).append(i)
+        for (shape, _, _), index in same_shape.items():
+            orthogonal = self._orthogonalise(group, torch.stack([updates[i] for i in index])).unbind(0)
+            torch._foreach_add_([params[i] for i in index], orthogonal, alpha=-lr * self._lr_scale(group, shape))
+
+
+class MuonWithAdamW(Muon, AdamW):
+    """Muon for the hidden matrices and AdamW for every other parameter, as one optimizer.
+
+    One object, so the training loop, GradScaler, gradient clipping and checkpoints (one
+    state_dict) handle it like any other optimizer. Each param group carries a flag `muon`
+    that picks its rule; Muon groups get Muon's settings, AdamW groups AdamW's. Both share
+    lr and weight_decay: with adjust_lr='match_rms_adamw' one LR schedule suits both rules.
+    muon_params and adamw_params are iterables of tensors or of param-group dicts.
+    """
+
+    def __init__(self, muon_params, adamw_params, *, lr: float, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, momentum: float = 0.95,
+                 nesterov: bool = True, adjust_lr: str = "match_rms_adamw", rms: float = 0.2, ns_steps: int = 5,
+                 ns_dtype: str = "auto", foreach: bool = False):
+        # Each rule builds its groups with its own defaults and checks (Muon refuses non-2-D tensors).
+        muon = Muon(muon_params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                    adjust_lr=adjust_lr, rms=rms, ns_steps=ns_steps, ns_dtype=ns_dtype, foreach=foreach)
+        adamw = AdamW(adamw_params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
+        groups = ([{**group, "muon": True} for group in muon.param_groups]
+                  + [{**group, "muon": False} for group in adamw.param_groups])
+        torch.optim.Optimizer.__init__(self, groups, {})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            (self._muon_group if group["muon"] else self._adamw_group)(group)
+        return loss
+
+
+def split_params_for_muon(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+    """A model's trainable parameters as (hidden matrices, other matrices, vectors).
+
+    Hidden matrices, the 2-D weights that transform one hidden vector into another (attention
+    and MLP), are Muon's. Embeddings (a table looked up by row, not a linear map of the hidden
+    state), the LM head (its output is a distribution, tied or not to the embedding) and any
+    other non-2-D tensor are the "other matrices", for AdamW with weight decay; biases and norm
+    gains are the vectors, for AdamW without. A shared (tied) tensor appears once.
+    """
+    model = unwrap(model)
+    outer = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        outer |= {id(p) for p in head.parameters()}
+    hidden, matrices, vectors = [], [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2:
+            vectors.append(p)
+        elif p.dim() == 2 and id(p) not in outer:
+            hidden.append(p)
+        else:
+            matrices.append(p)
+    return hidden, matrices, vectors
 
 
 # ----------------------------------------------------------------------------------------
@@ -972,11 +1202,20 @@ class TrainResult:
     optimizer_name: str = ""
 
 
+def gpt_config(config: TrainConfig, vocab_size: int) -> GPTConfig:
+    """The model that config describes, for a tokenizer of vocab_size tokens."""
+    return GPTConfig(vocab_size=vocab_size, context_length=config.context_length, d_model=config.d_model,
+                     n_layers=config.n_layers, n_heads=config.n_heads, d_ff=config.d_ff, dropout=config.dropout,
+                     rotary=config.rotary, qk_norm=config.qk_norm, mlp_activation=config.mlp_activation,
+                     zero_init_proj=config.zero_init_proj, tie_head=config.tie_head)
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
     """The optimizer named by config.optimizer, with weight decay on matrices only.
 
     'auto' is PyTorch's fused AdamW on CUDA (one kernel for every tensor) and our
     multi-tensor AdamW elsewhere (see benchmarks/ for the measurements behind the choice).
+    'muon' is MuonWithAdamW: Muon on the hidden matrices, AdamW on the rest (split_params_for_muon).
     """
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -986,6 +1225,15 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
     if name == "auto":
         name = "torch-adamw" if device.type == "cuda" else "adamw-foreach"
     betas = (config.beta1, config.beta2)
+    if name == "muon":
+        hidden, matrices, vectors = split_params_for_muon(model)
+        adamw_groups = [{"params": matrices, "weight_decay": config.weight_decay},
+                        {"params": vectors, "weight_decay": 0.0}]
+        ns_dtype = {dtype: name for name, dtype in NS_DTYPES.items()}[newton_schulz_dtype(config.muon_dtype, device)]
+        return (MuonWithAdamW(hidden, adamw_groups, lr=config.lr, weight_decay=config.weight_decay, betas=betas,
+                              momentum=config.muon_momentum, rms=config.muon_rms, ns_steps=config.muon_ns_steps,
+                              ns_dtype=config.muon_dtype, foreach=True),
+                f"training.MuonWithAdamW (Newton-Schulz in {ns_dtype}, multi-tensor)")
     if name == "adamw":
         return AdamW(groups, lr=config.lr, betas=betas), "training.AdamW (per-parameter loop)"
     if name == "adamw-foreach":
@@ -1186,9 +1434,7 @@ def _build_run(config: TrainConfig, batches: BatchSource | None) -> _Run:
         if len(ids) <= config.context_length:
             raise ValueError(f"the {split} split of {config.data!r} has {len(ids)} characters, too few for "
                              f"context_length={config.context_length}: use a longer text or a shorter context")
-    model = GPT(GPTConfig(vocab_size=corpus.tokenizer.vocab_size, context_length=config.context_length,
-                          d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
-                          d_ff=config.d_ff, dropout=config.dropout)).to(device)
+    model = GPT(gpt_config(config, corpus.tokenizer.vocab_size)).to(device)
     optimizer, optimizer_name = build_optimizer(model, config, device)
     run = _Run(config, ddp, device, dtype, corpus, model, model, optimizer, optimizer_name,
                torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),

@@ -12,6 +12,7 @@ anything else running inflates them unevenly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -23,6 +24,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from unittest import mock
 
 import matplotlib
 
@@ -153,6 +155,40 @@ def optimizer_steps(mode, device):
             f"{len(params)} tensors (random gradients), median of {mode['optimizer_repeats']}. Ratio = time / "
             "PyTorch foreach time (lower is faster). Goal: our multi-tensor within 1.2x of PyTorch foreach.\n\n")
     return text + table(["optimizer", "ms per step", "time ratio vs torch foreach"], rows), times
+
+
+# --------------------------------------------------------------------------------------- 2b
+def muon_steps(mode):
+    """Our Muon against torch.optim.Muon on the hidden matrices of the benchmarked model, on the CPU."""
+    model = GPT(GPTConfig(vocab_size=100, **mode["model"]))
+    params = training.split_params_for_muon(model)[0]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    # torch.optim.Muon always runs Newton-Schulz in bf16 (grad.bfloat16()); with that cast made a
+    # copy, the same code runs in fp32 and the two implementations do the same arithmetic.
+    fp32_cast = mock.patch.object(torch.Tensor, "bfloat16", lambda self: self.clone())
+    variants = {
+        "torch.optim.Muon, fp32 iteration": (lambda ps: torch.optim.Muon(ps, lr=0.02), fp32_cast),
+        "training.Muon, per-matrix loop, fp32": (lambda ps: training.Muon(ps, lr=0.02, ns_dtype="fp32"), None),
+        "training.Muon, multi-tensor, fp32": (lambda ps: training.Muon(ps, lr=0.02, ns_dtype="fp32", foreach=True),
+                                              None),
+        "torch.optim.Muon, as shipped (bf16 iteration)": (lambda ps: torch.optim.Muon(ps, lr=0.02), None),
+        "training.Muon, multi-tensor, bf16": (lambda ps: training.Muon(ps, lr=0.02, ns_dtype="bf16", foreach=True),
+                                              None),
+    }
+    times = {}
+    for name, (build, patch) in variants.items():
+        with patch or contextlib.nullcontext():
+            times[name] = perf.time_call(build(params).step, torch.device("cpu"), warmup=3,
+                                         repeats=mode["optimizer_repeats"])
+    base = times["torch.optim.Muon, fp32 iteration"]
+    rows = [[name, f"{t * 1e3:.2f}", f"{t / base:.2f}"] for name, t in times.items()]
+    shapes = sorted({tuple(p.shape) for p in params})
+    text = (f"One Muon step (5 Newton-Schulz iterations) over the {len(params)} hidden matrices (shapes {shapes}) "
+            f"of the model above, on the CPU (random gradients), median of {mode['optimizer_repeats']}. Ratio = "
+            "time / torch.optim.Muon's time with the same fp32 iteration (lower is faster). Goal: our Muon "
+            "(multi-tensor, fp32) no slower than torch's.\n\n")
+    return text + table(["optimizer", "ms per step", "time ratio vs torch fp32"], rows), times
 
 
 # ---------------------------------------------------------------------------------------- 3
@@ -453,13 +489,15 @@ def goals(results, mode):
     def verdict(met):
         return "n/a" if met is None else ("yes" if met else "no")
 
-    overhead = results["1. Trainer overhead"][0]
-    times = results["2. Optimizer step"][0]
+    overhead = results["overhead"][0]
+    times = results["optimizer"][0]
     optimizer_ratio = times["training.AdamW, multi-tensor"] / times["torch.optim.AdamW, foreach"]
-    budget, (_, loss) = mode["budgets_min"][-1], results["5. Quality per time"][0][-1]
-    default_minutes, default_loss = results["5. Quality per time"][1]
-    ours = results["5c. nanoGPT's CPU shape"][0]
-    utilisation = results["6. GPU: GPT-2-small in bf16 with torch.compile"][0]
+    muon_times = results["muon"][0]
+    muon_ratio = muon_times["training.Muon, multi-tensor, fp32"] / muon_times["torch.optim.Muon, fp32 iteration"]
+    budget, (_, loss) = mode["budgets_min"][-1], results["quality"][0][-1]
+    default_minutes, default_loss = results["quality"][1]
+    ours = results["nanogpt"][0]
+    utilisation = results["gpu"][0]
     quick = mode is MODES["quick"]
     rows = [["issue 3: default `python training.py` val loss", "<= 1.60 within 5 min",
              f"{default_loss:.3f} in {default_minutes:.2f} min",
@@ -467,6 +505,8 @@ def goals(results, mode):
             ["1. train() tokens/s / hand loop", ">= 0.95", f"{overhead:.2f}", verdict(overhead >= 0.95)],
             ["2. multi-tensor AdamW time / torch foreach", "<= 1.2", f"{optimizer_ratio:.2f}",
              verdict(optimizer_ratio <= 1.2)],
+            ["2b. our Muon (multi-tensor, fp32) time / torch.optim.Muon (fp32)", "<= 1.0", f"{muon_ratio:.2f}",
+             verdict(muon_ratio <= 1.0)],
             [f"5. val loss after {budget:g} min", "<= 1.45 at 5 min", f"{loss:.3f}",
              verdict(loss <= 1.45) if budget == 5 else "n/a (quick)"],
             ["5c. tokens/s on nanoGPT's CPU shape", f">= {NANOGPT_QUOTED['tokens_per_s']:,} (quoted)", fmt(ours),
@@ -525,26 +565,27 @@ def main(argv=None):
                 + f", batch {mode['batch']}, autocast dtype {dtype}."]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        steps = [("1. Trainer overhead", lambda: trainer_overhead(mode, corpus, device, dtype, workdir)),
-                 ("2. Optimizer step", lambda: optimizer_steps(mode, device)),
-                 ("3. torch.compile and autocast", lambda: speedups(mode, corpus, device, workdir)),
-                 ("4. Scaling: batch size and context length", lambda: scaling(mode, device)),
-                 ("4b. Data parallel: 1 vs 2 processes", lambda: ddp_scaling(mode, workdir)),
-                 ("5. Quality per time", lambda: quality_per_time(mode, workdir)),
-                 ("5b. Depth at equal wall time", lambda: depth_per_time(mode, workdir)),
-                 ("5c. nanoGPT's CPU shape", lambda: nanogpt_shape(mode, corpus, workdir)),
-                 ("6. GPU: GPT-2-small in bf16 with torch.compile", lambda: gpu_section(workdir))]
+        # (result key, section title, run): results are looked up by key, titles are only for the reader
+        steps = [("overhead", "1. Trainer overhead", lambda: trainer_overhead(mode, corpus, device, dtype, workdir)),
+                 ("optimizer", "2. Optimizer step", lambda: optimizer_steps(mode, device)),
+                 ("muon", "2b. Muon step on the CPU", lambda: muon_steps(mode)),
+                 ("speedups", "3. torch.compile and autocast", lambda: speedups(mode, corpus, device, workdir)),
+                 ("scaling", "4. Scaling: batch size and context length", lambda: scaling(mode, device)),
+                 ("ddp", "4b. Data parallel: 1 vs 2 processes", lambda: ddp_scaling(mode, workdir)),
+                 ("quality", "5. Quality per time", lambda: quality_per_time(mode, workdir)),
+                 ("depth", "5b. Depth at equal wall time", lambda: depth_per_time(mode, workdir)),
+                 ("nanogpt", "5c. nanoGPT's CPU shape", lambda: nanogpt_shape(mode, corpus, workdir)),
+                 ("gpu", "6. GPU: GPT-2-small in bf16 with torch.compile", lambda: gpu_section(workdir))]
         results = {}
-        for title, run in steps:
+        for key, title, run in steps:
             print(f"== {title} ...", flush=True)
             section_start = time.perf_counter()
             text, *values = run()
-            results[title] = values
+            results[key] = values
             sections.append(f"## {title}\n\n{text}\n\n_({time.perf_counter() - section_start:.0f} s)_")
             print(sections[-1], "\n", flush=True)
-    curve = results["5. Quality per time"][0]
-    plots(out_dir, results["2. Optimizer step"][0], results["3. torch.compile and autocast"][0],
-          results["4. Scaling: batch size and context length"][0], results["4. Scaling: batch size and context length"][1],
+    curve = results["quality"][0]
+    plots(out_dir, results["optimizer"][0], results["speedups"][0], results["scaling"][0], results["scaling"][1],
           curve)
     sections.append("## Goals of issues 3 and 6\n\n" + goals(results, mode))
     sections.append(f"![speed](speed.png)\n\n![scaling and quality per time](scaling.png)\n\n"

@@ -40,9 +40,9 @@ def time_call(fn, device, *, warmup=2, repeats=5):
 def training_flops_per_token(model, context_length=None):
     """FLOPs to train on one token: 6 N + 12 L d T (the estimate of the PaLM paper, appendix B).
 
-    N counts the weights that take part in a matmul: every weight matrix except the position
-    embedding (a table lookup). The tied token embedding stays in, because the LM head
-    multiplies by it; biases and LayerNorm gains are elementwise (a few FLOPs each, left out).
+    N counts the weights that take part in a matmul: the weights of the nn.Linear layers, the
+    LM head included (tied to the token embedding or not); embeddings are table lookups, and
+    biases and LayerNorm gains are elementwise (a few FLOPs each, left out).
     Each such weight costs 2 FLOPs per token forward (multiply + add) and 4 backward
     (gradients of the input and of the weight): 6 N. Attention adds the two T x T matmuls
     (scores Q K^T and scores x V) of every layer: 2 * 2 * d * T forward per token, times 3
@@ -52,7 +52,8 @@ def training_flops_per_token(model, context_length=None):
     T = context_length or config.context_length
     if not 1 <= T <= config.context_length:
         raise ValueError(f"context_length must be in [1, {config.context_length}], got {T}")
-    n_matmul = sum(p.numel() for p in model.parameters() if p.dim() >= 2) - model.pos_emb.weight.numel()
+    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    n_matmul = sum(w.numel() for w in weights.values())
     return 6 * n_matmul + 12 * config.n_layers * config.d_model * T
 
 

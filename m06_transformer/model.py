@@ -4,6 +4,10 @@ Token + learned position embeddings, pre-LayerNorm transformer blocks with causa
 self-attention (``F.scaled_dot_product_attention``) and a GELU MLP, a final LayerNorm
 and an LM head tied to the token embedding. Initialised as GPT-2 is, so an untrained
 model predicts a near-uniform distribution: loss ~ ln(vocab_size).
+
+GPTConfig's options from recent fast-training recipes (the NanoGPT speedrun) are all off by
+default, which is module 06's model: rotary position embeddings instead of learned ones,
+QK-norm, a ReLU^2 MLP, zero-initialised output projections, and an untied LM head.
 """
 from __future__ import annotations
 
@@ -25,6 +29,11 @@ class GPTConfig:
     d_ff: int = 512
     dropout: float = 0.0
     bias: bool = True
+    rotary: bool = False          # rotary position embeddings on q and k (and no learned position table)
+    qk_norm: bool = False         # RMS-normalise each head's queries and keys before their dot product
+    mlp_activation: str = "gelu"  # 'gelu', or 'relu2': relu(x)^2
+    zero_init_proj: bool = False  # output projections start at 0: every block starts as the identity
+    tie_head: bool = True         # LM head shares the token embedding's matrix
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "d_ff"):
@@ -37,6 +46,38 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("bias", "rotary", "qk_norm", "zero_init_proj", "tie_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"GPTConfig.mlp_activation must be one of {list(MLP_ACTIVATIONS)}, "
+                             f"got {self.mlp_activation!r}")
+        if self.rotary and (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"GPTConfig.rotary needs an even head size, got d_model / n_heads = "
+                             f"{self.d_model // self.n_heads}")
+
+
+MLP_ACTIVATIONS = {"gelu": F.gelu, "relu2": lambda x: F.relu(x).square()}
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (Su et al., RoFormer): rotate pairs of channels of q and k by an
+    angle proportional to the position, so q . k depends on the offset between the positions only."""
+
+    def __init__(self, head_dim: int, context_length: int, base: float = 10_000.0):
+        super().__init__()
+        frequencies = base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(context_length, dtype=torch.float32), frequencies)
+        # Not persistent: derived from the config, so checkpoints hold only learned tensors.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., T, head_dim] -> the same, channel i paired with channel i + head_dim / 2."""
+        T = x.shape[-2]
+        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -48,11 +89,17 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.proj.is_residual_projection = True
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.qk_norm = config.qk_norm
+        self.rotary = Rotary(config.d_model // config.n_heads, config.context_length) if config.rotary else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         # [B, T, 3C] -> three [B, n_heads, T, head_dim] tensors
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, q.shape[-1:]), F.rms_norm(k, k.shape[-1:])
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )
@@ -67,9 +114,10 @@ class MLP(nn.Module):
         self.proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
         self.proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
+        self.activation = MLP_ACTIVATIONS[config.mlp_activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        return self.dropout(self.proj(self.activation(self.fc(x))))
 
 
 class Block(nn.Module):
@@ -90,28 +138,32 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """A decoder-only transformer: token + learned position embeddings, `n_layers` pre-LayerNorm
     blocks (causal self-attention, GELU MLP), a final LayerNorm and an LM head tied to the token
-    embedding. forward(idx LongTensor[B, T]) -> logits FloatTensor[B, T, vocab_size]."""
+    embedding. forward(idx LongTensor[B, T]) -> logits FloatTensor[B, T, vocab_size].
+    GPTConfig's options change these parts (module docstring)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_emb = nn.Embedding(config.context_length, config.d_model)
+        self.pos_emb = None if config.rotary else nn.Embedding(config.context_length, config.d_model)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # weight tying: one [V, d_model] matrix
+        if config.tie_head:
+            self.lm_head.weight = self.tok_emb.weight  # weight tying: one [V, d_model] matrix
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
         # GPT-2: N(0, 0.02) everywhere; the projections that add into the residual stream
         # are scaled by 1/sqrt(2 * n_layers) so the stream's variance does not grow with depth.
         if isinstance(module, nn.Linear):
-            std = 0.02
-            if getattr(module, "is_residual_projection", False):
-                std /= math.sqrt(2 * self.config.n_layers)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            residual = getattr(module, "is_residual_projection", False)
+            if residual and self.config.zero_init_proj:
+                nn.init.zeros_(module.weight)  # the block adds nothing until it has learned something
+            else:
+                std = 0.02 / math.sqrt(2 * self.config.n_layers) if residual else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -128,8 +180,11 @@ class GPT(nn.Module):
         T = idx.shape[1]
         if T > self.config.context_length:
             raise ValueError(f"sequence length {T} exceeds context_length {self.config.context_length}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        if self.pos_emb is None:  # rotary: positions enter inside attention
+            x = self.drop(self.tok_emb(idx))
+        else:
+            pos = torch.arange(T, device=idx.device)
+            x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))

@@ -49,7 +49,7 @@ def test_bad_config_names_the_field(overrides, error, field):
 
 
 def test_bad_choice_lists_the_allowed_values():
-    with pytest.raises(ValueError, match=r"\['auto', 'adamw', 'adamw-foreach', 'torch-adamw', 'sgd'\]"):
+    with pytest.raises(ValueError, match=r"\['auto', 'adamw', 'adamw-foreach', 'torch-adamw', 'sgd', 'muon'\]"):
         TrainConfig(optimizer="adam")
 
 
