@@ -15,6 +15,7 @@ checked against PyTorch's own versions in tests/ and in the lessons:
 Run it:
     python training.py                     # tiny GPT on Shakespeare's plays, then a sample
     python training.py --help              # every TrainConfig field is a flag
+    python training.py --max-minutes 5 --max-steps 1000000   # the best model in 5 minutes
     torchrun --nproc_per_node=2 training.py --grad-accum-steps 1   # data parallel
 """
 from __future__ import annotations
@@ -61,8 +62,9 @@ except ImportError:
 # Configuration: every field is also a command-line flag (python training.py --help)
 # ----------------------------------------------------------------------------------------
 
-def _opt(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _opt(default, help, choices=None, kind=None):
+    """A TrainConfig field; `kind` is its type where the default (None) does not tell it."""
+    return field(default=default, metadata={"help": help, "choices": choices, "type": kind or type(default)})
 
 
 @dataclass
@@ -90,7 +92,11 @@ class TrainConfig:
     # updates (16 x 64 characters) at a high peak LR beat fewer, larger ones (README: Decisions).
     batch_size: int = _opt(16, "sequences per micro-batch (per process under torchrun)")
     grad_accum_steps: int = _opt(1, "micro-batches accumulated into one update")
-    max_steps: int = _opt(3500, "optimizer updates to run")
+    max_steps: int = _opt(3500, "optimizer updates to run (with --max-minutes: at most)")
+    max_minutes: float | None = _opt(None, "end the run after this many minutes of training, counted from the "
+                                     "first update (corpus loading and model building excluded); the LR decay "
+                                     "is then laid over this time, max_steps becomes an upper bound, and the "
+                                     "number of updates varies from run to run; default: no time limit", kind=float)
     decay_steps: int = _opt(0, "length of the LR schedule in updates; 0 means max_steps")
     optimizer: str = _opt("auto", "'auto' picks the fastest correct AdamW for the device; 'muon': Muon on "
                           "the hidden matrices, AdamW on embeddings, head, biases and norms",
@@ -129,7 +135,9 @@ class TrainConfig:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            value, kind = getattr(self, f.name), type(f.default)
+            value, kind = getattr(self, f.name), f.metadata["type"]
+            if value is None and f.default is None:  # an optional setting left off
+                continue
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
                 setattr(self, f.name, value)
@@ -161,6 +169,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.muon_ns_steps >= 100:
             raise ValueError(f"TrainConfig.muon_ns_steps must be < 100, got {self.muon_ns_steps!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"TrainConfig.max_minutes must be > 0 (or None: no time limit), got {self.max_minutes!r}")
         if self.min_lr > self.lr:
             raise ValueError(f"TrainConfig.min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.d_model % self.n_heads:
@@ -611,8 +621,7 @@ def cosine_lr(step: int, *, max_lr: float, min_lr: float, warmup_steps: int, tot
         return max_lr * step / warmup_steps
     if step >= total_steps:
         return min_lr
-    progress = (step - warmup_steps) / (total_steps - warmup_steps)
-    return min_lr + (max_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return _cosine_decay((step - warmup_steps) / (total_steps - warmup_steps), max_lr, min_lr)
 
 
 def linear_lr(step: int, *, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -622,7 +631,15 @@ def linear_lr(step: int, *, max_lr: float, min_lr: float, warmup_steps: int, tot
         return max_lr * step / warmup_steps
     if step >= total_steps:
         return min_lr
-    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    return _linear_decay((step - warmup_steps) / (total_steps - warmup_steps), max_lr, min_lr)
+
+
+def _cosine_decay(progress: float, max_lr: float, min_lr: float) -> float:
+    """Half a cosine from max_lr at progress 0 to min_lr at progress 1."""
+    return min_lr + (max_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _linear_decay(progress: float, max_lr: float, min_lr: float) -> float:
     return max_lr + (min_lr - max_lr) * progress
 
 
@@ -655,6 +672,7 @@ class CosineScheduler(torch.optim.lr_scheduler.LRScheduler):
 
 
 SCHEDULES = {"cosine": cosine_lr, "linear": linear_lr}
+_DECAYS = {"cosine": _cosine_decay, "linear": _linear_decay}  # their curves after warmup, at a progress in [0, 1]
 
 
 # ----------------------------------------------------------------------------------------
@@ -1195,7 +1213,7 @@ class TrainResult:
     best_checkpoint: str | None    # path of the checkpoint with the best val loss
     last_checkpoint: str | None
     step: int                      # updates done
-    stop_reason: str               # 'max_steps', 'early stopping ...', 'non-finite ...' (the CLI exits 3)
+    stop_reason: str               # 'max_steps', 'max_minutes', 'early stopping ...', 'non-finite ...' (the CLI exits 3)
     tokens_per_second: float       # training throughput (all processes), evaluation excluded
     model: nn.Module = field(repr=False)
     tokenizer: CharTokenizer = field(repr=False)
@@ -1323,6 +1341,21 @@ def train(config: TrainConfig, *, batches: BatchSource | None = None) -> TrainRe
     a better val loss writes best.pt, every evaluation writes last.pt, and `patience`
     evaluations without improvement stop the run.
 
+    A time budget (config.max_minutes) ends the run at a wall-clock time instead, counted from
+    the first update (corpus loading, model building and DDP setup excluded; compilation,
+    evaluations and checkpoints included). The clock is read where the losses are read back
+    (every log_interval updates, where it costs no device sync): once the budget is spent, the
+    run evaluates and checkpoints as at max_steps and stops with stop_reason 'max_minutes', up
+    to log_interval - 1 updates and one evaluation past the budget. Under torchrun the ranks
+    agree on the largest of their clocks there, so all set the same LR and stop at the same
+    update. The LR follows the step schedule's warmup, then the decay laid over the budget
+    (see _lr_at); max_steps stays an upper bound. The number of updates depends on the
+    machine's speed, so a budgeted run is not reproducible step for step. Resuming continues
+    the budget: the checkpoint holds the seconds trained up to it (extra['train_seconds']),
+    and the resumed process adds its own time (the time between that checkpoint and the
+    restart is not counted; an older checkpoint without it counts as 0 seconds). Resuming with
+    a larger max_minutes extends the run.
+
     The run owns config.out_dir: it holds a lock on it while it trains, and refuses an out_dir
     that holds another run unless config.resume continues that run or config.overwrite is set.
     SIGINT or SIGTERM stops it between two updates: it writes last.pt and raises
@@ -1334,27 +1367,33 @@ def train(config: TrainConfig, *, batches: BatchSource | None = None) -> TrainRe
     meter = _Throughput(config.batch_size * config.context_length * config.grad_accum_steps * run.ddp.world_size)
     pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss on device) not yet read back
     stop_reason, step = "max_steps", run.start_step
-    bar = tqdm(total=config.max_steps, initial=run.start_step, disable=not (config.progress and run.ddp.is_main),
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(total=None if config.max_minutes else config.max_steps, initial=run.start_step,
+               disable=not (config.progress and run.ddp.is_main), unit="step", dynamic_ncols=True)
     try:
         with _StopSignals() as signals:
             run.model.train()
+            run.started = _clock()
+            time_used = _time_used(config, run.seconds_before)  # a resumed run may have used part of it
             for step in range(run.start_step + 1, config.max_steps + 1):
-                lr = _lr_at(config, step)
+                lr = _lr_at(config, step, time_used)
                 pending.append((step, lr, _update(run, step, lr)))
                 bar.update(1)
                 is_eval = step % config.eval_interval == 0 or step == config.max_steps
                 # Under torchrun every rank must reach the same collectives: a signal waits for the next log step.
                 if step % config.log_interval == 0 or is_eval or (signals.caught and run.ddp.world_size == 1):
                     finite = _read_back(run, pending, meter, bar)
-                    non_finite, signum = _agree(run, not finite, signals.caught or 0)
+                    non_finite, signum, time_used = _agree(run, not finite, signals.caught or 0)
                     if non_finite:
                         stop_reason = _non_finite_reason(run, f"loss at or before update {step}")
                         break
                     if signum:
                         _stop_on_signal(run, step, signum)
+                    is_eval = is_eval or time_used >= 1  # out of time: a final evaluation, then stop
                 if is_eval and (reason := _evaluate_and_checkpoint(run, step, lr, meter, bar)):
                     stop_reason = reason
+                    break
+                if time_used >= 1:
+                    stop_reason = "max_minutes"
                     break
         if run.ddp.is_main:
             _write_history(run)
@@ -1374,6 +1413,7 @@ def train(config: TrainConfig, *, batches: BatchSource | None = None) -> TrainRe
 
 # batches(step, micro) -> (x, y): micro-batch `micro` (global index over all processes) of update `step`
 BatchSource = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+_clock = time.monotonic  # the time budget's clock (seconds); tests put a fake one here
 
 
 @dataclass
@@ -1396,6 +1436,13 @@ class _Run:
     history: list[dict] = field(default_factory=list)
     history_written: int = 0              # entries of history already in history.jsonl
     lock: int | None = None               # file descriptor holding out_dir's lock (rank 0)
+    seconds_before: float = 0.0           # seconds of training the resumed checkpoint had done
+    started: float = 0.0                  # _clock() at this process's first update
+
+    def seconds_trained(self) -> float:
+        """Training time so far, as the time budget counts it: this process's since its first update,
+        plus the resumed checkpoint's (not the time between that checkpoint and a restart)."""
+        return self.seconds_before + _clock() - self.started
 
     @property
     def out_dir(self) -> Path:
@@ -1476,6 +1523,10 @@ def _resume(run: _Run) -> None:
     run.start_step = load_checkpoint(path, run.model, run.optimizer, scaler=run.scaler, map_location=run.device)
     run.best_val = float(saved["extra"].get("best_val_loss", math.inf))
     run.evals_without_improvement = int(saved["extra"].get("evals_without_improvement", 0))
+    seconds = saved["extra"].get("train_seconds", 0.0)  # checkpoints older than the time budget lack it
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < math.inf:
+        raise CheckpointError(f"{path} holds an unusable extra['train_seconds'] ({seconds!r})")
+    run.seconds_before = float(seconds)
 
 
 RUN_FILES = ("best.pt", "last.pt", "history.jsonl")
@@ -1563,13 +1614,21 @@ def _replace_text(path: Path, text: str) -> None:
 
 # --- one update ---------------------------------------------------------------------------
 
-def _lr_at(config: TrainConfig, step: int) -> float:
-    """The LR of update `step`. Updates are numbered from 1, so the first one already learns (cosine_lr(0) is 0)."""
+def _lr_at(config: TrainConfig, step: int, time_used: float = 0.0) -> float:
+    """The LR of update `step`. Updates are numbered from 1, so the first one already learns (cosine_lr(0) is 0).
+
+    With max_minutes it is the lower of that step schedule and the same decay laid over the time
+    budget, at progress time_used (the fraction of the budget used). While the budget is what ends
+    the run, the step schedule's warmup leads for warmup_steps updates and the time curve after it;
+    whichever limit ends the run, the LR has reached min_lr there."""
     schedule = SCHEDULES.get(config.schedule)
     if schedule is None:
         return config.lr
-    return schedule(min(step, config.total_schedule_steps), max_lr=config.lr, min_lr=config.min_lr,
-                    warmup_steps=config.warmup_steps, total_steps=config.total_schedule_steps)
+    lr = schedule(min(step, config.total_schedule_steps), max_lr=config.lr, min_lr=config.min_lr,
+                  warmup_steps=config.warmup_steps, total_steps=config.total_schedule_steps)
+    if config.max_minutes is None:
+        return lr
+    return min(lr, _DECAYS[config.schedule](min(time_used, 1.0), config.lr, config.min_lr))
 
 
 def _update(run: _Run, step: int, lr: float) -> torch.Tensor:
@@ -1631,13 +1690,21 @@ def _read_back(run: _Run, pending: list, meter: _Throughput, bar) -> bool:
     return all(math.isfinite(x) for x in losses)
 
 
-def _agree(run: _Run, non_finite: bool, signum: int) -> tuple[bool, int]:
-    """The stop decision of all ranks together: any rank's non-finite loss or caught signal stops every rank."""
+def _time_used(config: TrainConfig, seconds: float) -> float:
+    """The fraction of the time budget (max_minutes) that `seconds` of training use; 0 without a budget."""
+    return seconds / (60 * config.max_minutes) if config.max_minutes else 0.0
+
+
+def _agree(run: _Run, non_finite: bool, signum: int) -> tuple[bool, int, float]:
+    """The stop decision of all ranks together: any rank's non-finite loss or caught signal stops every
+    rank. Also the fraction of the time budget used (0 without one): the largest of all ranks' clocks,
+    so that every rank sets the same LR and ends at the same update."""
+    time_used = _time_used(run.config, run.seconds_trained())
     if run.ddp.world_size == 1:
-        return non_finite, signum
-    flags = torch.tensor([float(non_finite), float(signum)], device=run.device)
+        return non_finite, signum, time_used
+    flags = torch.tensor([float(non_finite), float(signum), time_used], dtype=torch.float64, device=run.device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0].item()), int(flags[1].item())
+    return bool(flags[0].item()), int(flags[1].item()), flags[2].item()
 
 
 def _non_finite_reason(run: _Run, what: str) -> str:
@@ -1694,7 +1761,7 @@ def _evaluate_and_checkpoint(run: _Run, step: int, lr: float, meter: _Throughput
 def _save(run: _Run, path: Path, step: int) -> None:
     save_checkpoint(path, run.model, run.optimizer, step, scaler=run.scaler, config=dataclasses.asdict(run.config),
                     chars=run.corpus.tokenizer.chars, best_val_loss=run.best_val,
-                    evals_without_improvement=run.evals_without_improvement)
+                    evals_without_improvement=run.evals_without_improvement, train_seconds=run.seconds_trained())
 
 
 def _write_history(run: _Run) -> None:
@@ -1757,7 +1824,7 @@ def _stop_on_signal(run: _Run, step: int, signum: int) -> None:
 
 EXIT_DIVERGED = 3
 EXIT_CODES = f"""exit status:
-  0    the run finished (max_steps or early stopping)
+  0    the run finished (max_steps, max_minutes or early stopping)
   1    an error, named on stderr: unusable data or checkpoint, an out_dir that holds another
        run, is in use by a live run or cannot be written (the earlier checkpoints stay)
   2    a bad flag
@@ -1783,7 +1850,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, choices=f.metadata["choices"],
+            parser.add_argument(flag, type=f.metadata["type"], default=f.default, choices=f.metadata["choices"],
                                 help=f.metadata["help"], metavar=None if f.metadata["choices"] else f.name.upper())
     return parser
 
