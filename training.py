@@ -92,11 +92,11 @@ class TrainConfig:
     # updates (16 x 64 characters) at a high peak LR beat fewer, larger ones (README: Decisions).
     batch_size: int = _opt(16, "sequences per micro-batch (per process under torchrun)")
     grad_accum_steps: int = _opt(1, "micro-batches accumulated into one update")
-    max_steps: int = _opt(3500, "optimizer updates to run (with --max-minutes: at most)")
+    max_steps: int = _opt(3500, "optimizer updates to run (an upper bound with --max-minutes)")
     max_minutes: float | None = _opt(None, "end the run after this many minutes of training, counted from the "
                                      "first update (corpus loading and model building excluded); the LR decay "
                                      "is then laid over this time, max_steps becomes an upper bound, and the "
-                                     "number of updates varies from run to run; default: no time limit", kind=float)
+                                     "number of updates varies from run to run; None: no time limit", kind=float)
     decay_steps: int = _opt(0, "length of the LR schedule in updates; 0 means max_steps")
     optimizer: str = _opt("auto", "'auto' picks the fastest correct AdamW for the device; 'muon': Muon on "
                           "the hidden matrices, AdamW on embeddings, head, biases and norms",
@@ -1344,17 +1344,19 @@ def train(config: TrainConfig, *, batches: BatchSource | None = None) -> TrainRe
     A time budget (config.max_minutes) ends the run at a wall-clock time instead, counted from
     the first update (corpus loading, model building and DDP setup excluded; compilation,
     evaluations and checkpoints included). The clock is read where the losses are read back
-    (every log_interval updates, where it costs no device sync): once the budget is spent, the
-    run evaluates and checkpoints as at max_steps and stops with stop_reason 'max_minutes', up
-    to log_interval - 1 updates and one evaluation past the budget. Under torchrun the ranks
+    (every log_interval updates, when the device has just caught up): once the budget is spent,
+    the run evaluates and checkpoints as at max_steps and stops with stop_reason 'max_minutes',
+    up to log_interval - 1 updates and one evaluation past the budget. Under torchrun the ranks
     agree on the largest of their clocks there, so all set the same LR and stop at the same
-    update. The LR follows the step schedule's warmup, then the decay laid over the budget
-    (see _lr_at); max_steps stays an upper bound. The number of updates depends on the
-    machine's speed, so a budgeted run is not reproducible step for step. Resuming continues
-    the budget: the checkpoint holds the seconds trained up to it (extra['train_seconds']),
-    and the resumed process adds its own time (the time between that checkpoint and the
-    restart is not counted; an older checkpoint without it counts as 0 seconds). Resuming with
-    a larger max_minutes extends the run.
+    update. The LR is the lower of the step schedule and the same decay laid over time, whose
+    progress is the fraction of the budget used: warmup_steps updates of warmup, then the time
+    curve down to min_lr at the end of the budget; if max_steps (an upper bound) ends the run
+    first, the step schedule has taken the LR to min_lr there. The number of updates depends
+    on the machine's speed and load, so a budgeted run is not reproducible step for step.
+    Resuming continues the budget: the checkpoint holds the seconds trained up to it
+    (extra['train_seconds']) and the resumed process adds its own (the time between that
+    checkpoint and the restart is not counted; an older checkpoint without it counts as 0
+    seconds). Resuming with a larger max_minutes extends the run.
 
     The run owns config.out_dir: it holds a lock on it while it trains, and refuses an out_dir
     that holds another run unless config.resume continues that run or config.overwrite is set.

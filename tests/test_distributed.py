@@ -130,3 +130,37 @@ def test_each_rank_draws_its_own_dropout_masks(corpus_slice_file, tmp_path):
     one = draws(out="single")
     assert two[0] != two[1]  # the ranks' global generators (dropout) differ ...
     assert two[0] == one[0]  # ... and rank 0 keeps the stream a single process has
+
+
+BUDGET_ENDS = """
+import json, os, sys, torch.distributed as dist, training
+rank, clock = int(os.environ["RANK"]), {"now": 0.0}
+real_update = training._update
+
+def update(*args):  # rank 0's clock says 1 second per update, rank 1's says 2
+    clock["now"] += 1.0 + rank
+    return real_update(*args)
+training._clock, training._update = (lambda: clock["now"]), update
+config = training.TrainConfig(data=sys.argv[1], out_dir=sys.argv[2], device="cpu", dtype="fp32", context_length=32,
+                              d_model=32, n_layers=1, n_heads=2, d_ff=64, max_steps=100, warmup_steps=2,
+                              max_minutes=0.2, log_interval=1, eval_interval=100, eval_batches=2, progress=False)
+result = training.train(config)
+ends = [None] * 2
+dist.all_gather_object(ends, (result.step, result.stop_reason, [entry["lr"] for entry in result.history]))
+dist.destroy_process_group()
+print(json.dumps(ends))
+"""
+
+
+def test_a_time_budget_ends_every_rank_at_the_same_update(corpus_slice_file, tmp_path):
+    script = tmp_path / "budget.py"
+    script.write_text(BUDGET_ENDS)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(corpus_slice_file), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, cwd=os.path.dirname(training.__file__),
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(training.__file__)})
+    assert done.returncode == 0, done.stderr
+    rank0, rank1 = json.loads(done.stdout.strip().splitlines()[-1])
+    assert rank0 == rank1  # the same update, and the same LR at every update
+    assert rank0[:2] == [6, "max_minutes"]  # 12 seconds by the faster clock (rank 1's), 6 updates
+    assert training.read_checkpoint(tmp_path / "out" / "last.pt")["step"] == 6
