@@ -349,7 +349,8 @@ def timed_train(overrides, out_dir):
 
 def budget_run(overrides, minutes, updates_per_s, out_dir):
     """train() with max_steps = minutes x updates_per_s and the LR schedule ending there:
-    (updates, wall minutes, result). train() has no wall-clock limit, hence the measured rate."""
+    (updates, wall minutes, result). A fixed step count (not max_minutes) keeps each budget's
+    schedule and evaluations the same from run to run; the measured rate sizes it."""
     defaults = training.TrainConfig(**overrides)
     steps = max(int(minutes * 60 * updates_per_s * 0.93), 10)  # ~7% of the time goes to evaluations
     schedule = dict(max_steps=steps, warmup_steps=min(defaults.warmup_steps, steps // 10), decay_steps=0,
@@ -372,8 +373,8 @@ def quality_per_time(mode, workdir):
                  default_run.step, f"{default_run.best_val_loss:.3f}"])
     quoted = ", ".join(f"val {v} after {s // 60} m {s % 60:02d} s" for s, v in NANOGPT_QUOTED["points"])
     text = (f"`python training.py` settings{' (quick mode: tiny model, short default run)' if quick else ''}, one "
-            f"run per budget with max_steps = budget x {updates_per_s:.2f} updates/s measured first (train() has no "
-            "time limit option) and the LR schedule ending there (decay_steps=0; warmup at most a tenth of the run), "
+            f"run per budget with max_steps = budget x {updates_per_s:.2f} updates/s measured first (a fixed step "
+            "count rather than --max-minutes, so every run of this table trains the same updates) and the LR schedule ending there (decay_steps=0; warmup at most a tenth of the run), "
             "as nanoGPT's quoted runs set max_iters = lr_decay_iters; the last row is the default run itself. "
             "Elapsed = wall time of train() including evaluations (the CLI adds a few seconds to import torch, read "
             "the corpus and print a sample). Goals: val loss <= 1.60 for the default run within 5 minutes, "
