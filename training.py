@@ -104,7 +104,8 @@ class TrainConfig:
     lr: float = _opt(6e-3, "peak learning rate")
     min_lr: float = _opt(6e-4, "learning rate at the end of the schedule")
     warmup_steps: int = _opt(100, "linear warmup updates")
-    schedule: str = _opt("cosine", "LR decay after warmup", ["cosine", "linear", "constant"])
+    schedule: str = _opt("cosine", "LR decay after warmup; 'constant' holds --lr from the first update (no warmup)",
+                         ["cosine", "linear", "constant"])
     weight_decay: float = _opt(0.1, "decoupled weight decay on matrices (not biases, norms)")
     beta1: float = _opt(0.9, "AdamW beta1 (SGD momentum when --optimizer sgd)")
     beta2: float = _opt(0.99, "AdamW beta2")
