@@ -1,0 +1,40 @@
+"""What a reader sees in a lesson: no template text left unfilled, and code quoted from
+training.py in the prose still training.py's code."""
+import inspect
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import training
+
+ROOT = Path(__file__).parent.parent
+NOTEBOOKS = sorted([*ROOT.glob("lessons/*.ipynb"), *ROOT.glob("solutions/*.ipynb"), *ROOT.glob("exercises/*.ipynb")])
+TEMPLATE = re.compile(r"PLACEHOLDER|TODO|\{[A-Z][A-Z_]{2,}\}")  # {DEVICE_GIB}-style slots; LaTeX {N} is fine
+
+
+def reader_text(path: Path) -> str:
+    """Markdown cells and stored outputs: what the rendered page shows besides the code."""
+    parts = []
+    for cell in json.loads(path.read_text())["cells"]:
+        if cell["cell_type"] == "markdown":
+            parts.append("".join(cell["source"]))
+        for output in cell.get("outputs", []):
+            parts.append("".join(output.get("text", "")))
+            parts.append("".join(output.get("data", {}).get("text/plain", "")))
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_no_template_text_reaches_the_reader(path):
+    found = TEMPLATE.findall(reader_text(path))
+    assert not found, f"{path.name} shows unfilled template text: {found}"
+
+
+def test_lesson_06_quotes_the_current_update_loop():
+    prose = reader_text(ROOT / "lessons" / "06-scaling-up.ipynb")
+    quote = re.search(r"\(`_update`.*?```python\n(.*?)```", prose, re.S).group(1)
+    source = {line.strip() for line in inspect.getsource(training._update).splitlines()}
+    stale = [line for line in quote.splitlines() if line.strip() not in source]
+    assert not stale, f"lesson 06 quotes lines that training._update no longer has: {stale}"
