@@ -9,7 +9,8 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["history_of", "moving_average", "plot_curves", "plot_history", "plot_paths_on_surface", "plot_runs"]
+__all__ = ["history_of", "moving_average", "plot_curves", "plot_history", "plot_paths_on_surface", "plot_runs",
+           "plot_val_against_seconds"]
 
 
 def plot_paths_on_surface(ax, loss_fn, paths, *, xlim, ylim, minimum=None, levels=12, grid=200):
@@ -128,5 +129,17 @@ def plot_runs(ax, runs, *, title=None, hline=None, hline_label=None, smooth=10, 
     if ylim is not None:
         ax.set_ylim(*ylim)
     ax.set(xlabel="update", ylabel="loss (nats per token)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_val_against_seconds(ax, curves, *, title=None):
+    """Validation loss against wall-clock seconds, one line per ``{label: [(seconds, val_loss), ...]}``
+    (e.g. course.race.ClockedBatches.val_against_seconds): runs compared at equal time, not equal updates."""
+    if not curves:
+        raise ValueError("curves must name at least one curve")
+    for label, points in curves.items():
+        ax.plot(*zip(*points), "o-", ms=4, lw=1.5, label=label)
+    ax.set(xlabel="wall-clock seconds of training", ylabel="validation loss (nats per token)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
