@@ -1253,11 +1253,11 @@ def diagnose(history: str | Path | list[dict] | TrainResult, *, vocab_size: int 
         if ended_high and not len(bad):
             low = int(np.argmin(smooth))
             findings.append(Finding(
-                "divergence", f"the loss rose from {smooth[low]:.2f} (mean of {SMOOTH_UPDATES} updates to "
+                "divergence", f"the loss rose from {smooth[low]:.2f} (mean of the {SMOOTH_UPDATES} updates to "
                 f"update {steps[low]:,}) to {smooth[-1]:.2f} at the end (update {steps[-1]:,}) and did not "
                 f"come back" + (uniform if ln_v and smooth[-1] > ln_v else ""),
                 f"lower the peak learning rate (by 3-10x), lengthen the warmup, clip the gradient norm; "
-                f"best.pt holds the weights from before the rise",
+                f"best.pt holds the weights of the best evaluation",
                 (int(steps[low]), int(steps[-1]))))
         if (ended_high or len(bad)) and spans and spans[-1][1] == len(losses) - 1:
             spans = spans[:-1]  # the run-up to the divergence, reported above
@@ -1293,14 +1293,16 @@ def diagnose(history: str | Path | list[dict] | TrainResult, *, vocab_size: int 
         bar, bar_name = ((unigram_loss, f"the unigram loss {unigram_loss:.2f} (letter frequencies only)")
                          if unigram_loss is not None else
                          (ln_v, f"ln V = {ln_v:.2f} (a uniform guess)") if ln_v is not None else (None, ""))
-        if bar is not None and len(losses) >= MIN_UPDATES_FOR_PLATEAU and smooth[-1] > bar - PLATEAU_NATS:
+        diverged = any(f.problem == "divergence" for f in findings)
+        if (bar is not None and not diverged and len(losses) >= MIN_UPDATES_FOR_PLATEAU
+                and smooth[-1] > bar - PLATEAU_NATS):
             lr_note = f" (peak learning rate {np.nanmax(lrs):.3g})" if np.isfinite(lrs).any() else ""
-            unstable = any(f.problem in ("divergence", "loss spike") for f in findings)
+            spiked = any(f.problem == "loss spike" for f in findings)
             findings.append(Finding(
                 "plateau", f"after {len(losses):,} updates the loss (mean of the last {SMOOTH_UPDATES}: "
                 f"{smooth[-1]:.2f}) is no better than {bar_name}",
-                f"the learning rate is too high{lr_note}: the run blew up (above) and settled where a damaged "
-                f"model learns only letter frequencies; lower it 3-10x" if unstable else
+                f"the learning rate is too high{lr_note}: the run spiked (above) and never got past where it "
+                f"was thrown back to; lower it 3-10x" if spiked else
                 f"the learning rate is too low{lr_note}: raise it (try 10x, or run an LR finder); if the first "
                 f"loss was far above ln V, fix the initialisation first",
                 (int(steps[0]), int(steps[-1]))))
@@ -1320,14 +1322,20 @@ def diagnose(history: str | Path | list[dict] | TrainResult, *, vocab_size: int 
                 "use best.pt; stop earlier (patience), or get more data, or regularise (dropout, weight decay), "
                 "or use a smaller model",
                 (int(top["step"]), int(after[-1]["step"]))))
-        top = evals[best]
-        if top["val_loss"] < LEAK_NATS:
-            findings.append(Finding(
-                "suspiciously low loss", f"the val loss is {top['val_loss']:.3f} at update {top['step']:,}: "
-                f"held-out text predicted almost perfectly, which no language model does",
-                "the model sees its targets: check that the labels are the inputs shifted by one (y[t] = x[t+1]), "
-                "that attention is causal, and that the validation text is not in the training set",
-                (int(top["step"]), int(top["step"]))))
+    leak_advice = ("the model sees its targets: check that the labels are the inputs shifted by one "
+                   "(y[t] = x[t+1]), that attention is causal, and that the validation text is not in the training set")
+    if evals and evals[best]["val_loss"] < LEAK_NATS:
+        findings.append(Finding(
+            "suspiciously low loss", f"the val loss is {evals[best]['val_loss']:.3f} at update "
+            f"{evals[best]['step']:,}: held-out text predicted almost perfectly, which no language model does",
+            leak_advice, (int(evals[best]["step"]), int(evals[best]["step"]))))
+    elif not evals and len(losses) and smooth.min() < LEAK_NATS:
+        low = int(np.argmin(smooth))
+        findings.append(Finding(
+            "suspiciously low loss", f"the training loss is {smooth[low]:.3f} (mean of the {SMOOTH_UPDATES} updates "
+            f"to update {steps[low]:,}): text predicted almost perfectly, which a language model does only by "
+            f"memorising a tiny corpus",
+            leak_advice + "; evaluate on held-out text to tell a leak from memorising", (int(steps[low]), int(steps[low]))))
 
     norm_rows = [(row["step"], float(row["grad_norm"])) for row in rows if isinstance(row.get("grad_norm"), (int, float))]
     if norm_rows:
@@ -1364,7 +1372,7 @@ def diagnose(history: str | Path | list[dict] | TrainResult, *, vocab_size: int 
         evidence = f"the loss fell from {losses[0]:.2f} to {smooth[-1]:.2f} (mean of the last {SMOOTH_UPDATES}) " \
                    f"over {len(losses):,} updates, with no spike, plateau or exploding gradient"
         if evals:
-            evidence += f"; the best val loss {top['val_loss']:.3f} is at update {top['step']:,}"
+            evidence += f"; the best val loss {evals[best]['val_loss']:.3f} is at update {evals[best]['step']:,}"
         findings.append(Finding("healthy", evidence, "nothing to fix: train longer, or scale the model up",
                                 (int(steps[0]), int(steps[-1]))))
     return findings

@@ -203,6 +203,16 @@ def test_unigram_loss_is_the_entropy_of_the_token_frequencies():
     assert training.unigram_loss(ids) == pytest.approx(expected, rel=1e-12)
 
 
+def test_near_zero_training_loss_without_evaluations_is_suspicious():
+    found = training.diagnose(history(learning_curve(300, end=0.01).clip(0.001)), vocab_size=V)
+    assert problems(found) == ["suspiciously low loss"] and "training loss" in found[0].evidence
+
+
+def test_a_diverged_run_is_not_also_called_a_plateau():
+    losses = np.concatenate([learning_curve(100), np.full(50, 9.0)])
+    assert "plateau" not in problems(training.diagnose(history(losses), vocab_size=V, unigram_loss=3.3))
+
+
 @pytest.mark.slow
 def test_real_run_logs_grad_norm_and_is_diagnosed_from_its_history_file(tiny_train_config, one_thread):
     config = tiny_train_config(lr=3e-3)
@@ -231,3 +241,4 @@ def test_cli_prints_the_diagnosis_of_a_diverged_run(corpus_slice_file, tmp_path,
     assert training.main(argv) == 1
     out = capsys.readouterr().out
     assert "training doctor:\n  1. divergence: the loss became" in out
+
