@@ -11,6 +11,7 @@ checked against PyTorch's own versions in tests/ and in the lessons:
     devices       pick_device, mixed precision through torch.autocast
     checkpoints   save_checkpoint, load_checkpoint (atomic, weights_only=True, bit-exact resume)
     the loop      TrainConfig, train, evaluate    (DDP under torchrun)
+    the doctor    diagnose, read_history          (what went wrong in a run, and what to try)
 
 Run it:
     python training.py                     # tiny GPT on Shakespeare's plays, then a sample
@@ -1209,7 +1210,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
 
 @dataclass
 class TrainResult:
-    history: list[dict]            # one entry per update: step, lr, loss; plus train/val loss at evaluations
+    history: list[dict]            # one entry per update: step, lr, loss, grad_norm; plus train/val loss at evaluations
     best_val_loss: float
     best_checkpoint: str | None    # path of the checkpoint with the best val loss
     last_checkpoint: str | None
@@ -1368,7 +1369,7 @@ def train(config: TrainConfig, *, batches: BatchSource | None = None) -> TrainRe
     """
     run = _build_run(config, batches)
     meter = _Throughput(config.batch_size * config.context_length * config.grad_accum_steps * run.ddp.world_size)
-    pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss on device) not yet read back
+    pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # (step, lr, loss, grad norm) on the device
     stop_reason, step = "max_steps", run.start_step
     bar = tqdm(total=None if config.max_minutes else config.max_steps, initial=run.start_step,
                disable=not (config.progress and run.ddp.is_main), unit="step", dynamic_ncols=True)
@@ -1379,7 +1380,7 @@ def train(config: TrainConfig, *, batches: BatchSource | None = None) -> TrainRe
             time_used = _time_used(config, run.seconds_before)  # a resumed run may have used part of it
             for step in range(run.start_step + 1, config.max_steps + 1):
                 lr = _lr_at(config, step, time_used)
-                pending.append((step, lr, _update(run, step, lr)))
+                pending.append((step, lr, *_update(run, step, lr)))
                 bar.update(1)
                 is_eval = step % config.eval_interval == 0 or step == config.max_steps
                 # Under torchrun every rank must reach the same collectives: a signal waits for the next log step.
@@ -1634,8 +1635,8 @@ def _lr_at(config: TrainConfig, step: int, time_used: float = 0.0) -> float:
     return min(lr, _DECAYS[config.schedule](min(time_used, 1.0), config.lr, config.min_lr))
 
 
-def _update(run: _Run, step: int, lr: float) -> torch.Tensor:
-    """One optimizer update at learning rate lr; returns its loss, left on the device.
+def _update(run: _Run, step: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer update at learning rate lr; returns its loss and gradient norm, left on the device.
 
     Gradients of grad_accum_steps micro-batches add up (each loss divided by their number);
     under DDP only the last micro-batch's backward all-reduces (no_sync on the others)."""
@@ -1652,13 +1653,12 @@ def _update(run: _Run, step: int, lr: float) -> torch.Tensor:
                 loss = cross_entropy(run.step_model(x), y) / config.grad_accum_steps
             run.scaler.scale(loss).backward()
         step_loss += loss.detach()
-    if config.grad_clip:
-        run.scaler.unscale_(run.optimizer)
-        clip_grad_norm(run.model.parameters(), config.grad_clip)
+    run.scaler.unscale_(run.optimizer)  # the true gradient: its norm is logged, and clipped if grad_clip > 0
+    grad_norm = clip_grad_norm(run.model.parameters(), config.grad_clip or math.inf)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    return step_loss
+    return step_loss, grad_norm
 
 
 class _Throughput:
@@ -1682,11 +1682,12 @@ class _Throughput:
 
 
 def _read_back(run: _Run, pending: list, meter: _Throughput, bar) -> bool:
-    """Move the pending losses from the device into the history (one sync); False if any is not finite."""
-    losses = torch.stack([loss for _, _, loss in pending]).tolist()
+    """Move the pending losses and gradient norms from the device into the history (one sync);
+    False if any loss is not finite."""
+    losses, grad_norms = torch.stack([torch.stack((loss, norm.to(loss))) for *_, loss, norm in pending]).T.tolist()
     meter.stop(len(pending))
-    for (step, lr, _), loss in zip(pending, losses):
-        run.history.append({"step": step, "lr": lr, "loss": loss})
+    for (step, lr, *_), loss, grad_norm in zip(pending, losses, grad_norms):
+        run.history.append({"step": step, "lr": lr, "loss": loss, "grad_norm": grad_norm})
     pending.clear()
     bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{run.history[-1]['lr']:.2e}", tok_s=f"{meter.tokens_per_second:,.0f}")
     meter.start()
@@ -1822,6 +1823,292 @@ def _stop_on_signal(run: _Run, step: int, signum: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------
+# The training doctor: read a run's history and say what went wrong and what to try
+# ----------------------------------------------------------------------------------------
+
+# Thresholds of diagnose(). Losses are in nats per token, gradient norms are global L2 norms.
+SMOOTH_UPDATES = 10        # updates averaged before comparing losses: one batch's loss is noisy (about
+                           # +-0.1 nats for a batch of 1,000 characters), a mean of 10 is ~3x steadier
+SPIKE_NATS = 0.5           # a loss this far above the best smoothed loss so far is a spike, not noise:
+                           # 5 times the noise of one batch, and a big step back for a language model
+PLATEAU_NATS = 0.1         # a run whose loss ends less than this below the unigram loss (or ln V)
+                           # learned no more than letter frequencies (or nothing at all)
+MIN_UPDATES_FOR_PLATEAU = 50   # fewer updates than this are too few to call a plateau
+BAD_INIT_NATS = 1.0        # a first loss this far above ln V means the initial logits are far from
+                           # uniform: a too-large output scale (a fresh model should start near ln V)
+OVERFIT_EVALS = 2          # evaluations after the best one, with val risen and train fallen, that
+                           # make overfitting (one could be noise in the validation batches)
+OVERFIT_NATS = 0.02        # ... and the rise in val loss that counts: evaluation batches are fixed, so
+                           # their noise is small, but a flat, converged run wobbles by a few thousandths
+GRAD_EXPLODE_RATIO = 10.0  # a smoothed gradient norm 10x its lowest value so far has exploded: healthy
+                           # runs move within a factor of ~3 once past the first updates (single
+                           # batches can reach 10x; the mean of SMOOTH_UPDATES does not)
+GRAD_VANISH_RATIO = 1e-3   # a gradient norm that fell below 1/1000 of its start no longer trains
+LEAK_NATS = 0.1            # held-out text at under 0.1 nats per token (predicted with > 90% confidence
+                           # on average) is too good to be true: the model sees its targets
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One diagnosis of a training run, from diagnose().
+
+    problem: a short name ('divergence', 'loss spike', 'plateau', 'bad initialisation',
+    'overfitting', 'exploding gradients', 'vanishing gradients', 'suspiciously low loss',
+    or 'healthy'); evidence: what in the history shows it, with update numbers and values;
+    advice: what to try; steps: (first, last) update the evidence is about.
+    """
+    problem: str
+    evidence: str
+    advice: str
+    steps: tuple[int, int]
+
+    def __str__(self) -> str:
+        return f"{self.problem}: {self.evidence}\n    try: {self.advice}"
+
+
+def read_history(source: str | Path | list[dict] | TrainResult) -> list[dict]:
+    """The history rows of a run: one dict per update with 'step' and 'loss' (and 'lr', 'grad_norm',
+    and 'train_loss'/'val_loss' at evaluations), from a TrainResult, a list of such dicts, a
+    history.jsonl file, or the out_dir that holds one. Rows are checked and sorted by step."""
+    if isinstance(source, TrainResult):
+        rows = source.history
+    elif isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_dir():
+            path = path / "history.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"no training history at {path}")
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:  # history.jsonl stores a non-finite number as null (strict JSON): back to NaN
+                    rows.append({key: math.nan if value is None else value
+                                 for key, value in json.loads(line).items()})
+                except (json.JSONDecodeError, AttributeError) as error:
+                    raise ValueError(f"{path}, line {number}: not a JSON object ({error})") from None
+    elif isinstance(source, list):
+        rows = source
+    else:
+        raise TypeError(f"history must be a path, a list of dicts or a TrainResult, got {type(source).__name__}")
+    for number, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int) \
+                or not isinstance(row.get("loss"), (int, float)):
+            raise ValueError(f"history row {number} must be a dict with an int 'step' and a number 'loss', "
+                             f"got {row!r}")
+    if not rows:
+        raise ValueError("history is empty: the run made no update")
+    return sorted(rows, key=lambda row: row["step"])
+
+
+def unigram_loss(ids: torch.Tensor | np.ndarray) -> float:
+    """Cross-entropy in nats of always predicting the token frequencies of `ids` (1-D token ids):
+    the loss a model reaches when it has learned letter frequencies and nothing about context."""
+    counts = np.bincount(np.asarray(ids).reshape(-1))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def _trailing_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of up to `window` values ending at each position."""
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    ends = np.arange(1, len(values) + 1)
+    counts = np.minimum(ends, window)
+    return (sums[ends] - sums[ends - counts]) / counts
+
+
+def _runs_of(mask: np.ndarray, gap: int) -> list[tuple[int, int]]:
+    """(first, last) indices of the True stretches of mask, merging stretches less than `gap` apart."""
+    spans: list[tuple[int, int]] = []
+    for i in np.flatnonzero(mask):
+        if spans and i - spans[-1][1] < gap:
+            spans[-1] = (spans[-1][0], int(i))
+        else:
+            spans.append((int(i), int(i)))
+    return spans
+
+
+def diagnose(history: str | Path | list[dict] | TrainResult, *, vocab_size: int | None = None,
+             unigram_loss: float | None = None) -> list[Finding]:
+    """Read a run's history (see read_history) and name what went wrong, with the evidence and what to try.
+
+    vocab_size: V, for ln V (the loss of a uniform guess) in the spike, plateau and init checks;
+    unigram_loss: the loss of predicting letter frequencies (training.unigram_loss of the training
+    ids), the bar a run must clear to have learned anything about context.
+    Checks, each with its threshold (module constants): divergence (a non-finite loss, or a loss
+    that rose and never came back), loss spikes, a plateau above the unigram loss or ln V, a bad
+    initialisation, overfitting (val rising while train falls), exploding or vanishing gradient
+    norms ('grad_norm' rows), and a suspiciously low validation loss. Returns the findings in
+    that order, or a single 'healthy' finding when there is nothing to report.
+    """
+    rows = read_history(history)
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                                   or vocab_size < 2):
+        raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+    if unigram_loss is not None and not (isinstance(unigram_loss, (int, float)) and unigram_loss >= 0):
+        raise ValueError(f"unigram_loss must be a non-negative number, got {unigram_loss!r}")
+    ln_v = math.log(vocab_size) if vocab_size else None
+    steps = np.array([row["step"] for row in rows])
+    losses = np.array([row["loss"] for row in rows], dtype=float)
+    lrs = np.array([row.get("lr", math.nan) for row in rows], dtype=float)
+    findings: list[Finding] = []
+    uniform = f" (ln V = {ln_v:.2f}: worse than a uniform guess)"
+
+    # Divergence: a NaN/inf loss ends the trustworthy part of the run.
+    bad = np.flatnonzero(~np.isfinite(losses))
+    n_good = int(bad[0]) if len(bad) else len(losses)
+    if len(bad):
+        last_good = f"; the last finite loss was {losses[n_good - 1]:.4g} at update {steps[n_good - 1]:,}" \
+            if n_good else ""
+        start = f" (it started at {losses[0]:.2f})" if n_good > 1 else ""
+        findings.append(Finding(
+            "divergence", f"the loss became {losses[n_good]} at update {steps[n_good]:,}{last_good}{start}",
+            f"lower the peak learning rate (by 3-10x; it was {lrs[n_good]:.3g} here), lengthen the warmup, and "
+            f"clip the gradient norm (grad_clip=1.0). train() stops at a non-finite loss and keeps the last "
+            f"good checkpoint (best.pt): resume from it with a lower lr",
+            (int(steps[max(n_good - 1, 0)]), int(steps[n_good]))))
+    steps, losses, lrs = steps[:n_good], losses[:n_good], lrs[:n_good]
+
+    if len(losses):
+        smooth = _trailing_mean(losses, SMOOTH_UPDATES)
+        best_before = np.minimum.accumulate(np.concatenate(([math.inf], smooth[:-1])))
+        above = losses > best_before + SPIKE_NATS
+        spans = _runs_of(above, SMOOTH_UPDATES)
+        ended_high = smooth[-1] > smooth.min() + SPIKE_NATS
+        # A rise that never came back is a divergence; one that came back is a spike.
+        if ended_high and not len(bad):
+            low = int(np.argmin(smooth))
+            findings.append(Finding(
+                "divergence", f"the loss rose from {smooth[low]:.2f} (mean of the {SMOOTH_UPDATES} updates to "
+                f"update {steps[low]:,}) to {smooth[-1]:.2f} at the end (update {steps[-1]:,}) and did not "
+                f"come back" + (uniform if ln_v and smooth[-1] > ln_v else ""),
+                f"lower the peak learning rate (by 3-10x), lengthen the warmup, clip the gradient norm; "
+                f"best.pt holds the weights of the best evaluation",
+                (int(steps[low]), int(steps[-1]))))
+        if (ended_high or len(bad)) and spans and spans[-1][1] == len(losses) - 1:
+            spans = spans[:-1]  # the run-up to the divergence, reported above
+        if spans:
+            first, last = max(spans, key=lambda span: losses[span[0]:span[1] + 1].max())
+            peak = first + int(np.argmax(losses[first:last + 1]))
+            top_lr = int(np.argmax(lrs)) if np.isfinite(lrs).all() else None
+            warming = top_lr is not None and peak <= top_lr + SMOOTH_UPDATES
+            when = (f", at learning rate {lrs[peak]:.3g}" if not warming else
+                    f", during the warmup (learning rate {lrs[peak]:.3g} of a peak {lrs[top_lr]:.3g})"
+                    if peak < top_lr else f", {peak - top_lr} updates after the learning rate reached its "
+                    f"peak {lrs[top_lr]:.3g} at update {steps[top_lr]:,}")
+            more = f" ({len(spans)} spikes in all; the largest shown)" if len(spans) > 1 else ""
+            findings.append(Finding(
+                "loss spike",
+                f"the loss jumped above {best_before[first] + SPIKE_NATS:.2f} (its best so far + {SPIKE_NATS}) "
+                + (f"at updates {steps[first]:,}-{steps[last]:,}" if last > first else f"at update {steps[first]:,}")
+                + f", peaking at {losses[peak]:.3g} at update "
+                f"{steps[peak]:,}" + (uniform if ln_v and losses[peak] > ln_v else "") + when + more,
+                ("warmup too short for this peak learning rate: lengthen warmup_steps or lower lr"
+                 if warming else "lower the peak learning rate or clip the gradient norm (grad_clip=1.0); "
+                 "a single spike that recovers at once can be one bad batch and is harmless"),
+                (int(steps[first]), int(steps[last]))))
+
+        if ln_v is not None and losses[0] > ln_v + BAD_INIT_NATS:
+            findings.append(Finding(
+                "bad initialisation", f"the first loss is {losses[0]:.2f}, far above ln V = {ln_v:.2f}, the "
+                f"loss of a uniform guess that a freshly initialised model should start near",
+                "the initial logits are too large: initialise the output layer (or the embedding it is tied to) "
+                "with a smaller scale, e.g. std 0.02",
+                (int(steps[0]), int(steps[0]))))
+
+        bar, bar_name = ((unigram_loss, f"the unigram loss {unigram_loss:.2f} (letter frequencies only)")
+                         if unigram_loss is not None else
+                         (ln_v, f"ln V = {ln_v:.2f} (a uniform guess)") if ln_v is not None else (None, ""))
+        diverged = any(f.problem == "divergence" for f in findings)
+        if (bar is not None and not diverged and len(losses) >= MIN_UPDATES_FOR_PLATEAU
+                and smooth[-1] > bar - PLATEAU_NATS):
+            lr_note = f" (peak learning rate {np.nanmax(lrs):.3g})" if np.isfinite(lrs).any() else ""
+            spiked = any(f.problem == "loss spike" for f in findings)
+            findings.append(Finding(
+                "plateau", f"after {len(losses):,} updates the loss (mean of the last {SMOOTH_UPDATES}: "
+                f"{smooth[-1]:.2f}) is no better than {bar_name}",
+                f"the learning rate is too high{lr_note}: the run spiked (above) and never got past where it "
+                f"was thrown back to; lower it 3-10x" if spiked else
+                f"the learning rate is too low{lr_note}: raise it (try 10x, or run an LR finder); if the first "
+                f"loss was far above ln V, fix the initialisation first",
+                (int(steps[0]), int(steps[-1]))))
+
+    evals = [row for row in rows[:n_good] if isinstance(row.get("val_loss"), (int, float))
+             and math.isfinite(row["val_loss"])]
+    if evals:
+        best = min(range(len(evals)), key=lambda i: evals[i]["val_loss"])
+        after, top = evals[best + 1:], evals[best]
+        if (len(after) >= OVERFIT_EVALS and after[-1]["val_loss"] > top["val_loss"] + OVERFIT_NATS
+                and "train_loss" in top and after[-1].get("train_loss", math.inf) < top["train_loss"]):
+            findings.append(Finding(
+                "overfitting", f"the val loss rose for {len(after)} evaluations after update {top['step']:,} "
+                f"({top['val_loss']:.3f} -> {after[-1]['val_loss']:.3f} at update {after[-1]['step']:,}) while "
+                f"the train loss kept falling ({top['train_loss']:.3f} -> {after[-1]['train_loss']:.3f}); best.pt "
+                f"is from update {top['step']:,}",
+                "use best.pt; stop earlier (patience), or get more data, or regularise (dropout, weight decay), "
+                "or use a smaller model",
+                (int(top["step"]), int(after[-1]["step"]))))
+    leak_advice = ("the model sees its targets: check that the labels are the inputs shifted by one "
+                   "(y[t] = x[t+1]), that attention is causal, and that the validation text is not in the training set")
+    if evals and evals[best]["val_loss"] < LEAK_NATS:
+        findings.append(Finding(
+            "suspiciously low loss", f"the val loss is {evals[best]['val_loss']:.3f} at update "
+            f"{evals[best]['step']:,}: held-out text predicted almost perfectly, which no language model does",
+            leak_advice, (int(evals[best]["step"]), int(evals[best]["step"]))))
+    elif not evals and len(losses) and smooth.min() < LEAK_NATS:
+        low = int(np.argmin(smooth))
+        findings.append(Finding(
+            "suspiciously low loss", f"the training loss is {smooth[low]:.3f} (mean of the {SMOOTH_UPDATES} updates "
+            f"to update {steps[low]:,}): text predicted almost perfectly, which a language model does only by "
+            f"memorising a tiny corpus",
+            leak_advice + "; evaluate on held-out text to tell a leak from memorising", (int(steps[low]), int(steps[low]))))
+
+    norm_rows = [(row["step"], float(row["grad_norm"])) for row in rows if isinstance(row.get("grad_norm"), (int, float))]
+    if norm_rows:
+        norm_steps = np.array([s for s, _ in norm_rows])
+        norms = np.array([n for _, n in norm_rows])
+        finite = np.isfinite(norms)
+        smooth_norms = _trailing_mean(np.where(finite, norms, 0.0), SMOOTH_UPDATES)
+        lowest = np.minimum.accumulate(np.concatenate(([math.inf], smooth_norms[:-1])))
+        exploded = ~finite | (smooth_norms > GRAD_EXPLODE_RATIO * lowest)  # one outlier batch is not enough
+        if exploded.any():
+            i = int(np.argmax(exploded))
+            j = i + int(np.argmax(np.where(finite[i:], norms[i:], math.inf)))
+            findings.append(Finding(
+                "exploding gradients", f"the gradient norm (mean of {SMOOTH_UPDATES} updates) reached "
+                f"{smooth_norms[i] if finite[i] else norms[i]:.3g} at update {norm_steps[i]:,}, over "
+                f"{GRAD_EXPLODE_RATIO:g}x its lowest value before ({lowest[i]:.3g})"
+                + (f"; largest {norms[j]:.3g} at update {norm_steps[j]:,}" if j != i else ""),
+                "clip the gradient norm (grad_clip=1.0) and lower the learning rate; a norm that grows "
+                "steadily update after update suggests gradients that are never zeroed (optimizer.zero_grad)",
+                (int(norm_steps[i]), int(norm_steps[j]))))
+        elif len(norms) >= 2 * SMOOTH_UPDATES:
+            start, end = np.median(norms[:SMOOTH_UPDATES]), np.median(norms[-SMOOTH_UPDATES:])
+            if end < GRAD_VANISH_RATIO * start and not any(f.problem == "suspiciously low loss" for f in findings):
+                findings.append(Finding(
+                    "vanishing gradients", f"the gradient norm fell from {start:.3g} (median of the first "
+                    f"{SMOOTH_UPDATES} updates) to {end:.3g} (the last {SMOOTH_UPDATES}), below "
+                    f"{GRAD_VANISH_RATIO:g} of its start",
+                    "the model has stopped learning: look for saturated or dead activations and for an "
+                    "initialisation or learning rate that drove them there; the per-layer gradient norms "
+                    "show where the signal dies",
+                    (int(norm_steps[0]), int(norm_steps[-1]))))
+
+    if not findings:
+        evidence = f"the loss fell from {losses[0]:.2f} to {smooth[-1]:.2f} (mean of the last {SMOOTH_UPDATES}) " \
+                   f"over {len(losses):,} updates, with no spike, plateau or exploding gradient"
+        if evals:
+            evidence += f"; the best val loss {evals[best]['val_loss']:.3f} is at update {evals[best]['step']:,}"
+        findings.append(Finding("healthy", evidence, "nothing to fix: train longer, or scale the model up",
+                                (int(steps[0]), int(steps[-1]))))
+    return findings
+
+
+def format_diagnosis(findings: list[Finding]) -> str:
+    """The findings of diagnose() as text, one numbered paragraph each."""
+    return "training doctor:\n" + "\n".join(f"  {i}. {finding}" for i, finding in enumerate(findings, start=1))
+
+
+# ----------------------------------------------------------------------------------------
 # Command line: python training.py [--field value ...]
 # ----------------------------------------------------------------------------------------
 
@@ -1900,10 +2187,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DIVERGED if diverged else 0
     if diverged:
         print(f"error: {result.stop_reason}", file=sys.stderr)
+    else:
+        print(f"\n{result.stop_reason} after {result.step} updates | best val loss {result.best_val_loss:.4f} "
+              f"(perplexity {perplexity(result.best_val_loss):.2f}) | {result.tokens_per_second:,.0f} tokens/s | "
+              f"{result.optimizer_name}")
+    findings = diagnose(result.history, vocab_size=result.tokenizer.vocab_size,
+                        unigram_loss=unigram_loss(load_corpus(config.data).train_ids))
+    print("\n" + format_diagnosis(findings))
+    if diverged:
         return EXIT_DIVERGED
-    print(f"\n{result.stop_reason} after {result.step} updates | best val loss {result.best_val_loss:.4f} "
-          f"(perplexity {perplexity(result.best_val_loss):.2f}) | {result.tokens_per_second:,.0f} tokens/s | "
-          f"{result.optimizer_name}")
     if result.best_checkpoint and config.sample_chars:
         load_checkpoint(result.best_checkpoint, result.model)
         # a new line is the natural start of a play; a corpus without one starts from its first character

@@ -9,8 +9,8 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["history_of", "moving_average", "plot_curves", "plot_history", "plot_paths_on_surface", "plot_runs",
-           "plot_val_against_seconds"]
+__all__ = ["history_of", "moving_average", "plot_curves", "plot_history", "plot_metric", "plot_paths_on_surface",
+           "plot_runs", "plot_val_against_seconds"]
 
 
 def plot_paths_on_surface(ax, loss_fn, paths, *, xlim, ylim, minimum=None, levels=12, grid=200):
@@ -141,5 +141,29 @@ def plot_val_against_seconds(ax, curves, *, title=None):
     for label, points in curves.items():
         ax.plot(*zip(*points), "o-", ms=4, lw=1.5, label=label)
     ax.set(xlabel="wall-clock seconds of training", ylabel="validation loss (nats per token)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_metric(ax, runs, metric, *, title=None, ylabel=None, logy=True, smooth=1):
+    """One logged quantity per update for several runs, ``{label: TrainResult or history}``.
+
+    metric: a history key (e.g. "grad_norm") or a function of one history row that returns a
+    number, or None where the row has none. Rows without a finite value are left out, so a
+    run that diverged ends where its values stopped being finite. smooth: a trailing mean
+    over this many values (1: raw). Log scale by default: these quantities span decades.
+    """
+    if not runs:
+        raise ValueError("runs must name at least one run")
+    value_of = metric if callable(metric) else (lambda row: row.get(metric))
+    for label, run in runs.items():
+        points = [(row["step"], value_of(row)) for row in history_of(run)]
+        points = [(step, value) for step, value in points if value is not None and math.isfinite(value)]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, moving_average(values, smooth), label=label, lw=1.4)
+    if logy:
+        ax.set_yscale("log")
+    ax.set(xlabel="update", ylabel=ylabel or (metric if isinstance(metric, str) else None), title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
