@@ -246,7 +246,25 @@ def _check_hyper(name: str, value: float, low: float = 0.0, high: float = math.i
         raise ValueError(f"{name} must be a number in [{low}, {high}), got {value!r}")
 
 
-class SGD(torch.optim.Optimizer):
+class _GroupwiseOptimizer(torch.optim.Optimizer):
+    """torch.optim.Optimizer's step() contract (an optional closure that recomputes the loss,
+    no autograd), updating one param group at a time with the subclass's _step_group."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict) -> None:
+        raise NotImplementedError
+
+
+class SGD(_GroupwiseOptimizer):
     """Stochastic gradient descent with optional momentum and (coupled, L2) weight decay.
 
     Per parameter p with gradient g:   g <- g + weight_decay * p
@@ -262,17 +280,10 @@ class SGD(torch.optim.Optimizer):
         _check_hyper("weight_decay", weight_decay)
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach))
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                (self._step_foreach if group["foreach"] else self._step_loop)(group, params)
-        return loss
+    def _step_group(self, group: dict) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if params:
+            (self._step_foreach if group["foreach"] else self._step_loop)(group, params)
 
     def _step_loop(self, group: dict, params: list[torch.Tensor]) -> None:
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
@@ -310,7 +321,7 @@ class SGD(torch.optim.Optimizer):
         torch._foreach_add_(params, grads, alpha=-lr)
 
 
-class AdamW(torch.optim.Optimizer):
+class AdamW(_GroupwiseOptimizer):
     """Adam with decoupled weight decay (Loshchilov & Hutter), as torch.optim.AdamW.
 
     Per parameter p with gradient g, at step t = 1, 2, ...:
@@ -333,15 +344,8 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       foreach=foreach))
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            self._adamw_group(group)
-        return loss
+    def _step_group(self, group: dict) -> None:
+        self._adamw_group(group)
 
     def _adamw_group(self, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]
@@ -429,7 +433,7 @@ def newton_schulz(matrix: torch.Tensor, steps: int = 5, coefficients: tuple[floa
     return (x.mT if tall else x).to(matrix.dtype)
 
 
-class Muon(torch.optim.Optimizer):
+class Muon(_GroupwiseOptimizer):
     """Momentum orthogonalised by Newton-Schulz, for 2-D hidden weight matrices; as torch.optim.Muon.
 
     Per matrix W [A, B] with gradient G (the buffer M starts at 0):
@@ -482,15 +486,8 @@ class Muon(torch.optim.Optimizer):
                                      f"{list(p.shape)}; give biases, norms and embeddings to AdamW "
                                      f"(split_params_for_muon, MuonWithAdamW)")
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            self._muon_group(group)
-        return loss
+    def _step_group(self, group: dict) -> None:
+        self._muon_group(group)
 
     def _muon_group(self, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]
@@ -558,15 +555,8 @@ class MuonWithAdamW(Muon, AdamW):
                   + [{**group, "muon": False} for group in adamw.param_groups])
         torch.optim.Optimizer.__init__(self, groups, {})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            (self._muon_group if group["muon"] else self._adamw_group)(group)
-        return loss
+    def _step_group(self, group: dict) -> None:
+        (self._muon_group if group["muon"] else self._adamw_group)(group)
 
 
 def split_params_for_muon(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:

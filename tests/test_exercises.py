@@ -27,6 +27,8 @@ from exercises.checks import ExerciseFailed
 from exercises.grade import answer_cells
 from exercises.integrity import scan
 
+from answers import LR_FINDER_WITH_SWEEP
+
 ROOT = Path(__file__).resolve().parent.parent
 EXERCISE = {exercise.slug: exercise for exercise in EXERCISES}
 
@@ -66,7 +68,8 @@ def test_the_schedule_references_pass_their_checks():
     for schedule, check_schedule in ((training.cosine_lr, checks.check_cosine_schedule),
                                      (training.linear_lr, checks.check_linear_schedule)):
         namespace = {"math": math, "_check_schedule": lambda *args: None}
-        exec(textwrap.dedent(inspect.getsource(schedule)), namespace)
+        for function in (training._cosine_decay, training._linear_decay, schedule):  # the curves they share
+            exec(textwrap.dedent(inspect.getsource(function)), namespace)
         check_schedule(lambda step, max_lr, min_lr, warmup_steps, total_steps, copy=namespace[schedule.__name__]:
                        copy(step, max_lr=max_lr, min_lr=min_lr, warmup_steps=warmup_steps, total_steps=total_steps))
 
@@ -512,21 +515,7 @@ def test_the_grader_refuses_a_candidate_not_defined_in_a_notebook_cell():
                                    " for i in range(num_steps)]",
                                    "torch.logspace(math.log10(start_lr), math.log10(end_lr), num_steps)"])
 def test_an_lr_finder_whose_sweep_differs_in_the_last_bits_passes(sweep):
-    answer = f"""\
-import numpy as np
-
-def lr_finder(train_step, *, start_lr, end_lr, num_steps, diverge_factor):
-    lrs, losses, best = [], [], math.inf
-    for lr in {sweep}:
-        loss = train_step(float(lr))
-        lrs.append(float(lr))
-        losses.append(loss)
-        if not math.isfinite(loss) or loss > diverge_factor * best:
-            break
-        best = min(best, loss)
-    lowest = min((i for i in range(len(losses)) if math.isfinite(losses[i])), key=losses.__getitem__)
-    return lrs, losses, lrs[lowest] / 10
-"""
+    answer = "import numpy as np\n\n" + LR_FINDER_WITH_SWEEP.format(sweep=sweep)
     checks.check_lr_finder(load("lr-finder", answer))
 
 

@@ -18,6 +18,8 @@ import pytest
 from exercises import grade
 from exercises.integrity import scan
 
+from answers import LR_FINDER_WITH_SWEEP
+
 ROOT = Path(__file__).resolve().parent.parent
 CELL_TIMEOUT_S = 3.0   # a learner cell that runs longer is an infinite loop here
 CALL_TIMEOUT_S = 1.0   # one call of the candidate inside the check
@@ -67,20 +69,6 @@ class AdamW(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 """
-LOGSPACE_FINDER = """\
-def lr_finder(train_step, *, start_lr, end_lr, num_steps, diverge_factor):
-    sweep = {sweep}
-    lrs, losses, best = [], [], math.inf
-    for lr in sweep:
-        loss = train_step(float(lr))
-        lrs.append(float(lr))
-        losses.append(loss)
-        if not math.isfinite(loss) or loss > diverge_factor * best:
-            break
-        best = min(best, loss)
-    lowest = min((i for i in range(len(losses)) if math.isfinite(losses[i])), key=losses.__getitem__)
-    return lrs, losses, lrs[lowest] / 10
-"""
 LR_FINDER = "solutions/06-lr-finder.ipynb"
 ADAMW = "solutions/02-adamw.ipynb"
 CROSS_ENTROPY = "solutions/01-cross-entropy.ipynb"
@@ -106,10 +94,10 @@ SUBMISSIONS = {
              # renamed notebook (matched through its metadata) whose answer cell was deleted
              ("my-answer.ipynb", "# I ran out of time", LINEAR, None, 0, "no cell defines `linear_lr`")],
     # two right answers written unlike the solution: the LRs differ from the formula's in the last bits
-    "erin": [("06-lr-finder.ipynb", LOGSPACE_FINDER.format(sweep="np.logspace(np.log10(start_lr), "
+    "erin": [("06-lr-finder.ipynb", LR_FINDER_WITH_SWEEP.format(sweep="np.logspace(np.log10(start_lr), "
                                                                  "np.log10(end_lr), num_steps)"),
               LR_FINDER, "import numpy as np", 1, ""),
-             ("06-lr-finder-torch.ipynb", LOGSPACE_FINDER.format(sweep="torch.logspace(math.log10(start_lr), "
+             ("06-lr-finder-torch.ipynb", LR_FINDER_WITH_SWEEP.format(sweep="torch.logspace(math.log10(start_lr), "
                                                                        "math.log10(end_lr), num_steps)"),
               LR_FINDER, None, 1, "")],
     # the cheats: each refused, with the reason
