@@ -1918,12 +1918,13 @@ def _runs_of(mask: np.ndarray, gap: int) -> list[tuple[int, int]]:
 
 
 def diagnose(history: str | Path | list[dict] | TrainResult, *, vocab_size: int | None = None,
-             unigram_loss: float | None = None) -> list[Finding]:
+             unigram_loss: float | None = None, grad_clip: float | None = None) -> list[Finding]:
     """Read a run's history (see read_history) and name what went wrong, with the evidence and what to try.
 
     vocab_size: V, for ln V (the loss of a uniform guess) in the spike, plateau and init checks;
     unigram_loss: the loss of predicting letter frequencies (training.unigram_loss of the training
-    ids), the bar a run must clear to have learned anything about context.
+    ids), the bar a run must clear to have learned anything about context; grad_clip: the run's
+    clipping norm, if known (0: off), so the advice does not ask for clipping that was already on.
     Checks, each with its threshold (module constants): divergence (a non-finite loss, or a loss
     that rose and never came back), loss spikes, a plateau above the unigram loss or ln V, a bad
     initialisation, overfitting (val rising while train falls), exploding or vanishing gradient
@@ -1941,6 +1942,8 @@ def diagnose(history: str | Path | list[dict] | TrainResult, *, vocab_size: int 
     losses = np.array([row["loss"] for row in rows], dtype=float)
     lrs = np.array([row.get("lr", math.nan) for row in rows], dtype=float)
     findings: list[Finding] = []
+    clip = ("clip the gradient norm (grad_clip=1.0)" if not grad_clip else
+            f"clip harder than the norm {grad_clip:g} used here (clipping bounds each update, not the LR that scales it)")
     uniform = f" (ln V = {ln_v:.2f}: worse than a uniform guess)"
 
     # Divergence: a NaN/inf loss ends the trustworthy part of the run.
@@ -1953,7 +1956,7 @@ def diagnose(history: str | Path | list[dict] | TrainResult, *, vocab_size: int 
         findings.append(Finding(
             "divergence", f"the loss became {losses[n_good]} at update {steps[n_good]:,}{last_good}{start}",
             f"lower the peak learning rate (by 3-10x; it was {lrs[n_good]:.3g} here), lengthen the warmup, and "
-            f"clip the gradient norm (grad_clip=1.0). train() stops at a non-finite loss and keeps the last "
+            f"{clip}. train() stops at a non-finite loss and keeps the last "
             f"good checkpoint (best.pt): resume from it with a lower lr",
             (int(steps[max(n_good - 1, 0)]), int(steps[n_good]))))
     steps, losses, lrs = steps[:n_good], losses[:n_good], lrs[:n_good]
@@ -1993,7 +1996,7 @@ def diagnose(history: str | Path | list[dict] | TrainResult, *, vocab_size: int 
                 + f", peaking at {losses[peak]:.3g} at update "
                 f"{steps[peak]:,}" + (uniform if ln_v and losses[peak] > ln_v else "") + when + more,
                 ("warmup too short for this peak learning rate: lengthen warmup_steps or lower lr"
-                 if warming else "lower the peak learning rate or clip the gradient norm (grad_clip=1.0); "
+                 if warming else f"lower the peak learning rate or {clip}; "
                  "a single spike that recovers at once can be one bad batch and is harmless"),
                 (int(steps[first]), int(steps[last]))))
 
@@ -2068,7 +2071,7 @@ def diagnose(history: str | Path | list[dict] | TrainResult, *, vocab_size: int 
                 f"{smooth_norms[i] if finite[i] else norms[i]:.3g} at update {norm_steps[i]:,}, over "
                 f"{GRAD_EXPLODE_RATIO:g}x its lowest value before ({lowest[i]:.3g})"
                 + (f"; largest {norms[j]:.3g} at update {norm_steps[j]:,}" if j != i else ""),
-                "clip the gradient norm (grad_clip=1.0) and lower the learning rate; a norm that grows "
+                f"{clip} and lower the learning rate; a norm that grows "
                 "steadily update after update suggests gradients that are never zeroed (optimizer.zero_grad)",
                 (int(norm_steps[i]), int(norm_steps[j]))))
         elif len(norms) >= 2 * SMOOTH_UPDATES:
@@ -2182,7 +2185,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(perplexity {perplexity(result.best_val_loss):.2f}) | {result.tokens_per_second:,.0f} tokens/s | "
               f"{result.optimizer_name}")
     findings = diagnose(result.history, vocab_size=result.tokenizer.vocab_size,
-                        unigram_loss=unigram_loss(load_corpus(config.data).train_ids))
+                        unigram_loss=unigram_loss(load_corpus(config.data).train_ids), grad_clip=config.grad_clip)
     print("\n" + format_diagnosis(findings))
     if diverged:
         return EXIT_DIVERGED

@@ -142,6 +142,14 @@ def test_a_growing_gradient_norm_is_exploding():
     assert "zero_grad" in found[0].advice
 
 
+def test_advice_does_not_ask_for_clipping_that_was_already_on():
+    rows = history(learning_curve(), grad_norms=np.geomspace(0.5, 50, 200))
+    unclipped = diagnose(rows, grad_clip=0)[0].advice
+    clipped = diagnose(rows, grad_clip=1.0)[0].advice
+    assert "clip the gradient norm (grad_clip=1.0)" in unclipped
+    assert "grad_clip=1.0" not in clipped and "clip harder than the norm 1 used here" in clipped
+
+
 def test_one_outlier_gradient_norm_is_not_exploding():
     norms = [1.0] * 100
     norms[60] = 20.0
