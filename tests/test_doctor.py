@@ -143,9 +143,9 @@ def test_a_growing_gradient_norm_is_exploding():
 
 
 def test_advice_does_not_ask_for_clipping_that_was_already_on():
-    rows = history(learning_curve(), grad_norms=np.geomspace(0.5, 50, 200))
-    unclipped = diagnose(rows, grad_clip=0)[0].advice
-    clipped = diagnose(rows, grad_clip=1.0)[0].advice
+    rows = history(learning_curve(100), grad_norms=[1.0] * 50 + [1.0 + i for i in range(50)])
+    unclipped = training.diagnose(rows, vocab_size=V, grad_clip=0)[0].advice
+    clipped = training.diagnose(rows, vocab_size=V, grad_clip=1.0)[0].advice
     assert "clip the gradient norm (grad_clip=1.0)" in unclipped
     assert "grad_clip=1.0" not in clipped and "clip harder than the norm 1 used here" in clipped
 
