@@ -1944,7 +1944,7 @@ def diagnose(history: str | Path | list[dict] | TrainResult, *, vocab_size: int 
     findings: list[Finding] = []
     clip = ("clip the gradient norm (grad_clip=1.0)" if not grad_clip else
             f"clip harder than the norm {grad_clip:g} used here (clipping bounds each update, not the LR that scales it)")
-    uniform = f" (ln V = {ln_v:.2f}: worse than a uniform guess)"
+    uniform = f" (ln V = {ln_v:.2f}: worse than a uniform guess)" if ln_v is not None else ""
 
     # Divergence: a NaN/inf loss ends the trustworthy part of the run.
     bad = np.flatnonzero(~np.isfinite(losses))
@@ -2186,7 +2186,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{result.optimizer_name}")
     findings = diagnose(result.history, vocab_size=result.tokenizer.vocab_size,
                         unigram_loss=unigram_loss(load_corpus(config.data).train_ids), grad_clip=config.grad_clip)
-    print("\n" + format_diagnosis(findings))
+    # a failed run reports on stderr: the error, then what went wrong
+    print("\n" + format_diagnosis(findings), file=sys.stderr if diverged else sys.stdout)
     if diverged:
         return EXIT_DIVERGED
     if result.best_checkpoint and config.sample_chars:

@@ -142,6 +142,12 @@ def test_a_growing_gradient_norm_is_exploding():
     assert "zero_grad" in found[0].advice
 
 
+def test_diagnose_needs_no_vocab_size():
+    rows = history(learning_curve())
+    rows[120]["loss"] = math.nan
+    assert problems(training.diagnose(rows)) == ["divergence"]
+
+
 def test_advice_does_not_ask_for_clipping_that_was_already_on():
     rows = history(learning_curve(100), grad_norms=[1.0] * 50 + [1.0 + i for i in range(50)])
     unclipped = training.diagnose(rows, vocab_size=V, grad_clip=0)[0].advice
@@ -247,6 +253,6 @@ def test_cli_prints_the_diagnosis_of_a_diverged_run(corpus_slice_file, tmp_path,
             "--max-steps", "20", "--warmup-steps", "0", "--optimizer", "sgd", "--lr", "30", "--min-lr", "3",
             "--grad-clip", "0", "--eval-interval", "10", "--eval-batches", "2", "--no-progress"]
     assert training.main(argv) == training.EXIT_DIVERGED
-    out = capsys.readouterr().out
-    assert "training doctor:\n  1. divergence: the loss became" in out
+    err = capsys.readouterr().err  # a failed run reports on stderr: the error, then the diagnosis
+    assert "training doctor:\n  1. divergence: the loss became" in err
 
