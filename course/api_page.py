@@ -127,6 +127,10 @@ def _entry(module, name):
         for method_name, method in vars(obj).items():
             if method_name.startswith("_") or not inspect.isfunction(method):
                 continue
+            # torch.optim.Optimizer wraps a subclass's inherited step() into the subclass's own __dict__
+            # when the first instance is made: document only what the class itself defines
+            if inspect.unwrap(method).__qualname__.split(".")[0] != obj.__name__:
+                continue
             parts.append(f"#### `{name}.{method_name}`\n")
             parts.append(_code(_signature(method_name, method, skip_self=True), "python"))
             method_doc = _own_doc(method)

@@ -111,7 +111,8 @@ draws = [None] * run.ddp.world_size if dist.is_initialized() else None
 if dist.is_initialized():
     dist.all_gather_object(draws, torch.rand(4).tolist())
     dist.destroy_process_group()
-print(json.dumps(draws or [torch.rand(4).tolist()]))
+if run.ddp.rank == 0:  # one line of output: both ranks printing at once can interleave on one line
+    print(json.dumps(draws or [torch.rand(4).tolist()]))
 """
 
 
@@ -148,7 +149,8 @@ result = training.train(config)
 ends = [None] * 2
 dist.all_gather_object(ends, (result.step, result.stop_reason, [entry["lr"] for entry in result.history]))
 dist.destroy_process_group()
-print(json.dumps(ends))
+if rank == 0:  # one line of output: both ranks printing at once can interleave on one line
+    print(json.dumps(ends))
 """
 
 
