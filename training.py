@@ -83,14 +83,17 @@ class TrainConfig:
     n_heads: int = _opt(4, "attention heads per block")
     d_ff: int = _opt(512, "hidden width of each MLP")
     dropout: float = _opt(0.0, "dropout probability")
-    # architecture options of m06_transformer.GPTConfig; the defaults are module 06's GPT
+    # architecture options of m06_transformer.GPTConfig: module 06's GPT except QK-norm and ReLU^2,
+    # which won lesson 7's race (ADAMW_RECIPE below turns them off again)
     rotary: bool = _opt(False, "rotary position embeddings in attention instead of a learned position table")
-    qk_norm: bool = _opt(False, "RMS-normalise each head's queries and keys")
-    mlp_activation: str = _opt("gelu", "MLP activation; relu2 is relu(x)^2", ["gelu", "relu2"])
+    qk_norm: bool = _opt(True, "RMS-normalise each head's queries and keys (module 06's GPT: --no-qk-norm)")
+    mlp_activation: str = _opt("relu2", "MLP activation; relu2 is relu(x)^2 (module 06's GPT: gelu)", ["gelu", "relu2"])
     zero_init_proj: bool = _opt(False, "initialise the blocks' output projections to zero")
     tie_head: bool = _opt(True, "LM head shares the token embedding's matrix (--no-tie-head: its own)")
-    # optimisation. The defaults come from a sweep on a 2-core CPU at equal tokens: many small
-    # updates (16 x 64 characters) at a high peak LR beat fewer, larger ones (README: Decisions).
+    # optimisation. The defaults come from sweeps on a 2-core CPU: many small updates (16 x 64
+    # characters) at a high peak LR beat fewer, larger ones, and Muon with ReLU^2 and QK-norm and an
+    # LR decayed to 0 beats AdamW with GELU at equal wall time (lesson 7; benchmarks/BENCHMARKS.md,
+    # section 7; README: Decisions).
     batch_size: int = _opt(16, "sequences per micro-batch (per process under torchrun)")
     grad_accum_steps: int = _opt(1, "micro-batches accumulated into one update")
     max_steps: int = _opt(3500, "optimizer updates to run (an upper bound with --max-minutes)")
@@ -99,11 +102,11 @@ class TrainConfig:
                                      "is then laid over this time, max_steps becomes an upper bound, and the "
                                      "number of updates varies from run to run; None: no time limit", kind=float)
     decay_steps: int = _opt(0, "length of the LR schedule in updates; 0 means max_steps")
-    optimizer: str = _opt("auto", "'auto' picks the fastest correct AdamW for the device; 'muon': Muon on "
-                          "the hidden matrices, AdamW on embeddings, head, biases and norms",
+    optimizer: str = _opt("muon", "'muon': Muon on the hidden matrices, AdamW on embeddings, head, biases and "
+                          "norms; 'auto': the fastest correct AdamW for the device, on every parameter",
                           ["auto", "adamw", "adamw-foreach", "torch-adamw", "sgd", "muon"])
     lr: float = _opt(6e-3, "peak learning rate")
-    min_lr: float = _opt(6e-4, "learning rate at the end of the schedule")
+    min_lr: float = _opt(0.0, "learning rate at the end of the schedule")
     warmup_steps: int = _opt(100, "linear warmup updates")
     schedule: str = _opt("cosine", "LR decay after warmup; 'constant' holds --lr from the first update (no warmup)",
                          ["cosine", "linear", "constant"])
@@ -112,9 +115,10 @@ class TrainConfig:
     beta2: float = _opt(0.99, "AdamW beta2")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this; 0 disables")
     # Muon (--optimizer muon) follows --lr's schedule and --weight-decay: its update is scaled to
-    # an RMS of muon_rms * lr, and 0.2 is about AdamW's (Moonshot's match_rms_adamw convention).
+    # an RMS of muon_rms * lr; 0.2 is about AdamW's (Moonshot's match_rms_adamw convention), and
+    # updates 2.5 times larger train faster here (lesson 7, section 2).
     muon_momentum: float = _opt(0.95, "Muon's (Nesterov) momentum")
-    muon_rms: float = _opt(0.2, "RMS of a Muon update per unit of LR (0.2: as large as AdamW's)")
+    muon_rms: float = _opt(0.5, "RMS of a Muon update per unit of LR (0.2: as large as AdamW's)")
     muon_ns_steps: int = _opt(5, "Newton-Schulz iterations per Muon update")
     muon_dtype: str = _opt("auto", "Newton-Schulz dtype; 'auto': bf16 on CUDA with compute capability "
                            ">= 8.0, else fp32", ["auto", "fp32", "bf16"])
@@ -187,6 +191,13 @@ class TrainConfig:
     @property
     def total_schedule_steps(self) -> int:
         return self.decay_steps or self.max_steps
+
+
+# The fields that turn TrainConfig's defaults into the run lessons 1-6 teach and `python training.py`
+# trained before lesson 7's speedrun: AdamW on every parameter, module 06's GPT (GELU MLPs, no
+# QK-norm), and an LR that decays to a tenth of its peak. TrainConfig(**ADAMW_RECIPE) is that run; benchmarks/BENCHMARKS.md (section 7) races it
+# against today's.
+ADAMW_RECIPE = dict(optimizer="auto", mlp_activation="gelu", qk_norm=False, min_lr=6e-4)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1200,7 +1211,8 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
 
 @dataclass
 class TrainResult:
-    history: list[dict]            # one entry per update: step, lr, loss, grad_norm; plus train/val loss at evaluations
+    history: list[dict]            # one entry per update: step, lr, loss, grad_norm; at evaluations also train_loss,
+                                   # val_loss and seconds (training time before the evaluation, as max_minutes counts it)
     best_val_loss: float
     best_checkpoint: str | None    # path of the checkpoint with the best val loss
     last_checkpoint: str | None
@@ -1210,6 +1222,7 @@ class TrainResult:
     model: nn.Module = field(repr=False)
     tokenizer: CharTokenizer = field(repr=False)
     optimizer_name: str = ""
+    unigram_loss: float = math.nan  # of the training text (letter frequencies only): the doctor's reference
 
 
 def gpt_config(config: TrainConfig, vocab_size: int) -> GPTConfig:
@@ -1400,7 +1413,8 @@ def train(config: TrainConfig, *, batches: BatchSource | None = None) -> TrainRe
                        best_checkpoint=str(run.best_path) if run.best_path.exists() else None,
                        last_checkpoint=str(run.last_path) if run.last_path.exists() else None,
                        step=step, stop_reason=stop_reason, tokens_per_second=meter.tokens_per_second,
-                       model=run.model, tokenizer=run.corpus.tokenizer, optimizer_name=run.optimizer_name)
+                       model=run.model, tokenizer=run.corpus.tokenizer, optimizer_name=run.optimizer_name,
+                       unigram_loss=unigram_loss(run.corpus.train_ids))
 
 
 # --- building the run ---------------------------------------------------------------------
@@ -1724,9 +1738,10 @@ def _evaluate_and_checkpoint(run: _Run, step: int, lr: float, meter: _Throughput
     if run.ddp.is_main:
         eval_kwargs = dict(batch_size=config.batch_size, context_length=config.context_length,
                            batches=config.eval_batches, device=run.device, dtype=run.dtype, seed=config.seed)
+        seconds = run.seconds_trained()
         train_loss = evaluate(run.model, run.corpus.train_ids, **eval_kwargs)
         val_loss = evaluate(run.model, run.corpus.val_ids, **eval_kwargs)
-        run.history[-1].update(train_loss=train_loss, val_loss=val_loss)
+        run.history[-1].update(train_loss=train_loss, val_loss=val_loss, seconds=seconds)
         if not math.isfinite(val_loss):
             decision[0] = 2
         else:
@@ -2185,7 +2200,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(perplexity {perplexity(result.best_val_loss):.2f}) | {result.tokens_per_second:,.0f} tokens/s | "
               f"{result.optimizer_name}")
     findings = diagnose(result.history, vocab_size=result.tokenizer.vocab_size,
-                        unigram_loss=unigram_loss(load_corpus(config.data).train_ids), grad_clip=config.grad_clip)
+                        unigram_loss=result.unigram_loss, grad_clip=config.grad_clip)
     # a failed run reports on stderr: the error, then what went wrong
     print("\n" + format_diagnosis(findings), file=sys.stderr if diverged else sys.stdout)
     if diverged:

@@ -46,7 +46,9 @@ def tiny_gpt(tiny_gpt_config) -> GPT:
 @pytest.fixture
 def tiny_train_config(corpus_slice_file, tmp_path):
     """A factory of TrainConfig for a seconds-long CPU run on the corpus slice; keyword overrides win.
-    Each config gets an out_dir of its own (out, out-2, ...): a run refuses another run's out_dir."""
+    Each config gets an out_dir of its own (out, out-2, ...): a run refuses another run's out_dir.
+    It trains lessons 1-6's recipe (training.ADAMW_RECIPE: AdamW, module 06's GPT), on which the loop's
+    behaviour tests are calibrated; test_muon.py passes optimizer="muon" for the default recipe."""
     made = []
 
     def make(**overrides) -> training.TrainConfig:
@@ -55,7 +57,7 @@ def tiny_train_config(corpus_slice_file, tmp_path):
         settings = dict(data=str(corpus_slice_file), out_dir=str(out_dir), context_length=32,
                         d_model=32, n_layers=2, n_heads=2, d_ff=64, batch_size=8, max_steps=20,
                         warmup_steps=2, eval_interval=10, eval_batches=2, log_interval=1, device="cpu",
-                        dtype="fp32", sample_chars=0, progress=False, seed=0)
+                        dtype="fp32", sample_chars=0, progress=False, seed=0, **training.ADAMW_RECIPE)
         settings.update(overrides)
         return training.TrainConfig(**settings)
     return make

@@ -24,10 +24,13 @@ import torch
 
 import training
 
+# The last four flags are training.ADAMW_RECIPE: the divergence cases below are calibrated on AdamW
+# (test_muon.py runs the default recipe, Muon, through the CLI).
 TINY = ["--context-length", "32", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64",
         "--batch-size", "8", "--warmup-steps", "2", "--eval-interval", "4", "--eval-batches", "2",
         "--log-interval", "1", "--device", "cpu", "--dtype", "fp32", "--sample-chars", "0", "--no-progress",
-        "--seed", "0"]
+        "--seed", "0", "--optimizer", "auto", "--mlp-activation", "gelu", "--no-qk-norm",
+        "--min-lr", "6e-4"]
 
 
 def command(data, out_dir, *args) -> list[str]:

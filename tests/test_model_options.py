@@ -108,7 +108,8 @@ def test_train_config_options_reach_the_model():
     model_config = training.gpt_config(config, vocab_size=65)
     assert (model_config.rotary, model_config.qk_norm, model_config.mlp_activation, model_config.zero_init_proj,
             model_config.tie_head) == (True, True, "relu2", True, False)
-    assert training.gpt_config(training.TrainConfig(), 65) == GPTConfig(
-        vocab_size=65, context_length=64, d_model=128, n_layers=2, n_heads=4, d_ff=512)
+    shape = dict(vocab_size=65, context_length=64, d_model=128, n_layers=2, n_heads=4, d_ff=512)
+    assert training.gpt_config(training.TrainConfig(**training.ADAMW_RECIPE), 65) == GPTConfig(**shape)  # module 06's
+    assert training.gpt_config(training.TrainConfig(), 65) == GPTConfig(**shape, qk_norm=True, mlp_activation="relu2")
     with pytest.raises(ValueError, match="TrainConfig.rotary"):
         training.TrainConfig(rotary=True, d_model=36, n_heads=12)

@@ -1,5 +1,6 @@
 """Muon, written from scratch, against torch.optim.Muon; MuonWithAdamW; --optimizer muon."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -250,3 +251,11 @@ def test_cli_runs_with_optimizer_muon(corpus_slice_file, tmp_path, capsys, one_t
     assert training.main(argv) == 0
     out = capsys.readouterr().out
     assert "max_steps after 10 updates" in out and "training.MuonWithAdamW (Newton-Schulz in fp32" in out
+
+
+def test_the_default_recipe_is_the_adamw_recipe_with_muon_and_relu2():
+    today, before = training.TrainConfig(), training.TrainConfig(**training.ADAMW_RECIPE)
+    differ = {f.name for f in dataclasses.fields(today) if getattr(today, f.name) != getattr(before, f.name)}
+    assert differ == set(training.ADAMW_RECIPE) == {"optimizer", "mlp_activation", "qk_norm", "min_lr"}
+    assert (today.optimizer, today.mlp_activation, today.qk_norm, today.min_lr) == ("muon", "relu2", True, 0.0)
+    assert (before.optimizer, before.mlp_activation, before.qk_norm, before.min_lr) == ("auto", "gelu", False, 6e-4)
