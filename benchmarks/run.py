@@ -41,25 +41,28 @@ from course.plots import plot_val_against_seconds  # noqa: E402
 from m06_transformer import GPT, GPTConfig, create_gpt_tiny  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-SHAPE_FIELDS = ("context_length", "d_model", "n_layers", "n_heads", "d_ff", "dropout", "mlp_activation")
-# Sizes per mode. "model" is the GPT shape of the timed runs: in full mode it is filled in from
-# TrainConfig's defaults at run time (see main), so the benchmark follows any retuning.
+# The TrainConfig fields that make the model (shape and architecture options), as GPTConfig names them.
+MODEL_FIELDS = ("context_length", "d_model", "n_layers", "n_heads", "d_ff", "dropout", "rotary", "qk_norm",
+                "mlp_activation", "zero_init_proj", "tie_head")
+# Sizes per mode. "model" is the GPT of the timed runs (MODEL_FIELDS): in full mode TrainConfig's
+# defaults, read at run time (see main), so the benchmark follows any retuning; in quick mode a tiny
+# shape with TrainConfig's architecture options.
 MODES = {
     "full": dict(model=None, batch=None, overhead_rounds=3,
                  trainer_steps=40, optimizer_repeats=30, step_repeats=8, compile=True,
                  batches=None, contexts=None, scaling_steps=6,
                  ddp_steps=30, budgets_min=[1, 2], default_run={}, depths=[1, 2, 3, 4],
                  depth_budget_min=3, nanogpt_steps=100, speedrun_min=5, speedrun_eval_interval=250),
-    "quick": dict(model=dict(context_length=32, d_model=32, n_layers=2, n_heads=2, d_ff=64, dropout=0.0,
-                             mlp_activation=training.TrainConfig().mlp_activation),
+    "quick": dict(model=dict(context_length=32, d_model=32, n_layers=2, n_heads=2, d_ff=64, dropout=0.0),
                   batch=8, overhead_rounds=2, trainer_steps=8, optimizer_repeats=3, step_repeats=2, compile=False,
                   batches=[4, 8], contexts=[16, 32], scaling_steps=2,
                   ddp_steps=4, budgets_min=[0.05], default_run=dict(max_steps=10, warmup_steps=1, eval_interval=10),
                   depths=[1, 2], depth_budget_min=0.03, nanogpt_steps=5, speedrun_min=0.05, speedrun_eval_interval=5),
 }
 # nanoGPT's CPU config from its README (shakespeare_char, --device=cpu): 4 layers, 4 heads,
-# 128 embedding, context 64, batch 12, no dropout, GELU, AdamW. d_ff is nanoGPT's 4 x embedding.
-NANOGPT_SHAPE = dict(n_layers=4, n_heads=4, d_model=128, d_ff=512, context_length=64, dropout=0.0, mlp_activation="gelu")
+# 128 embedding, context 64, batch 12, no dropout, GELU, no QK-norm, AdamW. d_ff is nanoGPT's 4 x embedding.
+NANOGPT_SHAPE = dict(n_layers=4, n_heads=4, d_model=128, d_ff=512, context_length=64, dropout=0.0,
+                     mlp_activation="gelu", qk_norm=False)
 NANOGPT_BATCH = 12
 EXPECTED_MINUTES = {"full": 35, "quick": 2}
 # Reported for nanoGPT's train.py with its CPU config on the same plays, on another 2-core x86 machine
@@ -90,6 +93,14 @@ def hand_step(model, optimizer, data, batch, context, device, dtype, generator):
     return loss
 
 
+def cli_flags(settings):
+    """TrainConfig settings as training.py flags (a boolean as --name or --no-name)."""
+    def flag(key, value):
+        name = key.replace("_", "-")
+        return f"--{name}" if value is True else f"--no-{name}" if value is False else f"--{name}={value}"
+    return [flag(key, value) for key, value in settings.items()]
+
+
 def make_model(vocab, device, seed=1337, **shape):
     torch.manual_seed(seed)
     return GPT(GPTConfig(vocab_size=vocab, **shape)).to(device)
@@ -106,7 +117,8 @@ def hand_loop_vs_trainer(shape, batch, steps, rounds, corpus, device, dtype, out
                                   **shape)  # one out_dir for every round
     hand, trainer = [], []
     for _ in range(rounds):
-        model = make_model(corpus.tokenizer.vocab_size, device, **shape)
+        torch.manual_seed(1337)
+        model = GPT(training.gpt_config(config, corpus.tokenizer.vocab_size)).to(device)  # the model train() builds
         optimizer, _ = training.build_optimizer(model, config, device)
         generator = torch.Generator().manual_seed(0)
         start = time.perf_counter()
@@ -311,7 +323,7 @@ def ddp_scaling(mode, workdir):
     shape, steps = mode["model"], mode["ddp_steps"]
     args = [training.__file__, "--max-steps", str(steps), "--warmup-steps", "0", "--eval-interval", str(steps),
             "--eval-batches", "1", "--sample-chars", "0", "--no-progress", "--batch-size", str(mode["batch"]),
-            "--device", "cpu"] + [f"--{k.replace('_', '-')}={v}" for k, v in shape.items()]
+            "--device", "cpu"] + cli_flags(shape)
 
     def tokens_per_s(launcher, name):
         done = subprocess.run([sys.executable, *launcher, *args, "--out-dir", str(workdir / name)],
@@ -681,10 +693,11 @@ def main(argv=None):
         return gpu_only(Path(args.out_dir) if args.out_dir else HERE)
     mode_name = "quick" if args.quick else "full"
     mode = MODES[mode_name]
+    defaults = training.TrainConfig()  # quick mode keeps its tiny shape, with today's architecture options
+    mode["model"] = {**{k: getattr(defaults, k) for k in MODEL_FIELDS}, **(mode["model"] or {})}
     if mode_name == "full":  # the shape and batch of `python training.py`, as TrainConfig says today
-        defaults = training.TrainConfig()
         batch, context = defaults.batch_size, defaults.context_length
-        mode.update(model={k: getattr(defaults, k) for k in SHAPE_FIELDS}, batch=batch,
+        mode.update(batch=batch,
                     batches=[max(batch // 4, 1), max(batch // 2, 1), batch, 2 * batch],
                     contexts=[max(context // 4, 1), max(context // 2, 1), context, 2 * context])
     print(f"{mode_name} run: expect about {EXPECTED_MINUTES[mode_name]} minute(s) on a quiet 2-core CPU", flush=True)
@@ -700,7 +713,7 @@ def main(argv=None):
     started = time.perf_counter()
     sections = [f"# Benchmarks ({mode_name} mode)\n\nEvery ratio compares against a baseline measured in the "
                 f"same run. Reproduce with the command below on a quiet machine.\n\n" + environment(device, mode_name),
-                "Model shape of sections 1-4 (TrainConfig's defaults in a full run): " + ", ".join(f"{k}={v}" for k, v in mode["model"].items())
+                "Model of sections 1-4 (TrainConfig's defaults in a full run): " + ", ".join(f"{k}={v}" for k, v in mode["model"].items())
                 + f", batch {mode['batch']}, autocast dtype {dtype}."]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
