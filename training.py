@@ -195,8 +195,8 @@ class TrainConfig:
 
 # The fields that turn TrainConfig's defaults into the run lessons 1-6 teach and `python training.py`
 # trained before lesson 7's speedrun: AdamW on every parameter, module 06's GPT (GELU MLPs, no
-# QK-norm), and an LR that decays to a tenth of its peak. TrainConfig(**ADAMW_RECIPE) is that run; benchmarks/BENCHMARKS.md (section 7) races it
-# against today's.
+# QK-norm), and an LR that decays to a tenth of its peak. TrainConfig(**ADAMW_RECIPE) is that run;
+# benchmarks/BENCHMARKS.md (section 7) races it against today's.
 ADAMW_RECIPE = dict(optimizer="auto", mlp_activation="gelu", qk_norm=False, min_lr=6e-4)
 
 
