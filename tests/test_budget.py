@@ -1,7 +1,7 @@
 """The time budget (TrainConfig.max_minutes): when the run stops, the LR laid over time, resume, the CLI.
 
 A fake clock makes these tests independent of the machine's speed: every update takes exactly one
-second (training._clock is replaced, and each call of training._update advances it).
+second (train()'s clock seam gets a fake clock, which train()'s batches advance at every update).
 """
 import math
 from pathlib import Path
@@ -15,18 +15,29 @@ from training import TrainConfig
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def one_second_per_update(monkeypatch):
-    """Replace the budget's clock with one that advances one second per update; returns the clock."""
-    clock = {"now": 1000.0}
-    real_update = training._update
+class OneSecondPerUpdate:
+    """A clock for the time budget (train(clock=...)) that advances one second at every update:
+    train() runs with its own seeded batches, and the first micro-batch of each update ticks it."""
 
-    def update(*args):
-        clock["now"] += 1.0
-        return real_update(*args)
-    monkeypatch.setattr(training, "_clock", lambda: clock["now"])
-    monkeypatch.setattr(training, "_update", update)
-    return clock
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def train(self, config: TrainConfig) -> training.TrainResult:
+        seeded = training.seeded_batches(training.load_corpus(config.data).train_ids, config, torch.device("cpu"))
+
+        def batches(step, micro):
+            if micro == 0:
+                self.now += 1.0
+            return seeded(step, micro)
+        return training.train(config, batches=batches, clock=self)
+
+
+@pytest.fixture
+def one_second_per_update():
+    return OneSecondPerUpdate()
 
 
 def lrs(result) -> list[float]:
@@ -50,14 +61,14 @@ def test_the_run_stops_at_the_first_read_back_after_the_budget(tiny_train_config
                                                                 log_interval, last_step):
     # 15 seconds at one second per update; the clock is read where the losses are read back
     config = tiny_train_config(max_minutes=0.25, max_steps=100, eval_interval=10, log_interval=log_interval)
-    result = training.train(config)
+    result = one_second_per_update.train(config)
     assert result.stop_reason == "max_minutes" and result.step == last_step
     assert [entry["step"] for entry in result.history if "val_loss" in entry] == [10, last_step]
 
 
 def test_the_end_of_the_budget_evaluates_and_checkpoints(tiny_train_config, one_second_per_update):
     config = tiny_train_config(max_minutes=0.25, max_steps=100, eval_interval=100)
-    result = training.train(config)
+    result = one_second_per_update.train(config)
     assert result.step == 15 and "val_loss" in result.history[-1]
     assert training.read_checkpoint(result.last_checkpoint)["step"] == 15
     assert training.read_checkpoint(result.best_checkpoint)["step"] == 15
@@ -69,7 +80,7 @@ def test_the_end_of_the_budget_evaluates_and_checkpoints(tiny_train_config, one_
 def test_lr_warms_up_by_updates_then_decays_over_the_budget(tiny_train_config, one_second_per_update):
     config = tiny_train_config(max_minutes=0.5, max_steps=1000, warmup_steps=3, lr=1e-2, min_lr=1e-3,
                                eval_interval=1000)
-    result = training.train(config)
+    result = one_second_per_update.train(config)
     assert result.step == 30
     assert lrs(result)[:2] == pytest.approx([1e-2 / 3, 2e-2 / 3], rel=1e-12)  # warmup: updates 1 and 2
     # from then on: the cosine over 30 seconds, at the time read back before each update
@@ -80,7 +91,7 @@ def test_lr_warms_up_by_updates_then_decays_over_the_budget(tiny_train_config, o
 
 def test_max_steps_caps_a_budget_and_the_lr_then_follows_the_steps(tiny_train_config, one_second_per_update):
     config = tiny_train_config(max_minutes=10.0, max_steps=20, warmup_steps=2, lr=1e-2, min_lr=1e-3)
-    result = training.train(config)
+    result = one_second_per_update.train(config)
     assert result.stop_reason == "max_steps" and result.step == 20
     by_steps = [training.cosine_lr(step, max_lr=1e-2, min_lr=1e-3, warmup_steps=2, total_steps=20)
                 for step in range(1, 21)]
@@ -90,9 +101,9 @@ def test_max_steps_caps_a_budget_and_the_lr_then_follows_the_steps(tiny_train_co
 
 
 def test_resume_continues_the_budget(tiny_train_config, one_second_per_update):
-    first = training.train(tiny_train_config(max_minutes=0.5, max_steps=10, lr=1e-2, min_lr=1e-3))
-    one_second_per_update["now"] = 0.0  # a new process: its clock starts elsewhere
-    resumed = training.train(tiny_train_config(max_minutes=0.5, max_steps=100,
+    first = one_second_per_update.train(tiny_train_config(max_minutes=0.5, max_steps=10, lr=1e-2, min_lr=1e-3))
+    one_second_per_update.now = 0.0  # a new process: its clock starts elsewhere
+    resumed = one_second_per_update.train(tiny_train_config(max_minutes=0.5, max_steps=100,
                                                resume=first.last_checkpoint, lr=1e-2, min_lr=1e-3))
     assert resumed.stop_reason == "max_minutes" and resumed.step == 30  # 10 seconds before, 20 now
     assert resumed.history[0]["lr"] == pytest.approx(training.cosine_lr(10, max_lr=1e-2, min_lr=1e-3,
@@ -100,11 +111,11 @@ def test_resume_continues_the_budget(tiny_train_config, one_second_per_update):
 
 
 def test_a_checkpoint_without_train_seconds_resumes_from_zero(tiny_train_config, one_second_per_update):
-    first = training.train(tiny_train_config(max_steps=10))
+    first = one_second_per_update.train(tiny_train_config(max_steps=10))
     checkpoint = training.read_checkpoint(first.last_checkpoint)
     del checkpoint["extra"]["train_seconds"]  # as written before the time budget existed
     torch.save(checkpoint, first.last_checkpoint)
-    resumed = training.train(tiny_train_config(max_minutes=0.25, max_steps=100,
+    resumed = one_second_per_update.train(tiny_train_config(max_minutes=0.25, max_steps=100,
                                                resume=first.last_checkpoint))
     assert resumed.step == 25  # 10 updates before, then the whole 15-second budget
 

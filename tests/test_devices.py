@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import training
+from m07_training.distributed import Ranks, process_device
 from training import autocast, pick_device, resolve_dtype
 
 CPU = torch.device("cpu")
@@ -65,27 +66,25 @@ def test_no_native_bf16_off_cuda():
     assert not training.has_native_bf16(torch.device("mps"))
 
 
-def _torchrun_env(monkeypatch, local_rank: int) -> None:
-    for name, value in {"WORLD_SIZE": "2", "RANK": str(local_rank), "LOCAL_RANK": str(local_rank)}.items():
+def test_torchrun_ranks_come_from_the_environment(monkeypatch):
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
         monkeypatch.setenv(name, value)
+    assert Ranks.from_environment() == Ranks(rank=1, local_rank=1, world_size=2)
 
 
 def test_torchrun_with_more_processes_than_gpus_names_the_fix(monkeypatch):
-    _torchrun_env(monkeypatch, local_rank=1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="LOCAL_RANK=1 .* 1 CUDA device.*--nproc_per_node=1"):
-        training._setup_distributed(training.TrainConfig(device="auto"))
+        process_device("auto", Ranks(rank=1, local_rank=1, world_size=2))
 
 
 def test_torchrun_on_a_mac_trains_on_cpu_tensors_for_gloo(monkeypatch):
-    _torchrun_env(monkeypatch, local_rank=0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    monkeypatch.setattr(training.dist, "is_initialized", lambda: True)  # no process group needed here
-    assert training._setup_distributed(training.TrainConfig(device="auto"))[1] == CPU
+    assert process_device("auto", Ranks(world_size=2)) == CPU
     with pytest.raises(ValueError, match="gloo.*CPU"):
-        training._setup_distributed(training.TrainConfig(device="mps"))
+        process_device("mps", Ranks(world_size=2))
 
 
 def test_autocast_bf16_on_cpu(tiny_gpt):

@@ -103,15 +103,19 @@ def test_resume_with_a_different_number_of_processes(runs, tmp_path):
 
 DROPOUT_DRAWS = """
 import json, sys, torch, torch.distributed as dist, training
+from m07_training.distributed import setup_distributed
+from m07_training.loop import build, prepare_for_updates
 config = training.TrainConfig(data=sys.argv[1], out_dir=sys.argv[2], device="cpu", dtype="fp32", dropout=0.1,
                               context_length=32, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_steps=4,
                               warmup_steps=0)
-run = training._build_run(config, None)
-draws = [None] * run.ddp.world_size if dist.is_initialized() else None
+ranks, device = setup_distributed(config.device)  # what train() does before its first update
+corpus, trainee = build(config, device)
+prepare_for_updates(trainee, config, ranks, start_step=0)
+draws = [None] * ranks.world_size if dist.is_initialized() else None
 if dist.is_initialized():
     dist.all_gather_object(draws, torch.rand(4).tolist())
     dist.destroy_process_group()
-if run.ddp.rank == 0:  # one line of output: both ranks printing at once can interleave on one line
+if ranks.rank == 0:  # one line of output: both ranks printing at once can interleave on one line
     print(json.dumps(draws or [torch.rand(4).tolist()]))
 """
 
@@ -134,18 +138,17 @@ def test_each_rank_draws_its_own_dropout_masks(corpus_slice_file, tmp_path):
 
 
 BUDGET_ENDS = """
-import json, os, sys, torch.distributed as dist, training
+import json, os, sys, torch, torch.distributed as dist, training
 rank, clock = int(os.environ["RANK"]), {"now": 0.0}
-real_update = training._update
-
-def update(*args):  # rank 0's clock says 1 second per update, rank 1's says 2
-    clock["now"] += 1.0 + rank
-    return real_update(*args)
-training._clock, training._update = (lambda: clock["now"]), update
 config = training.TrainConfig(data=sys.argv[1], out_dir=sys.argv[2], device="cpu", dtype="fp32", context_length=32,
                               d_model=32, n_layers=1, n_heads=2, d_ff=64, max_steps=100, warmup_steps=2,
                               max_minutes=0.2, log_interval=1, eval_interval=100, eval_batches=2, progress=False)
-result = training.train(config)
+seeded = training.seeded_batches(training.load_corpus(config.data).train_ids, config, torch.device("cpu"))
+
+def batches(step, micro):  # rank 0's clock says 1 second per update, rank 1's says 2
+    clock["now"] += 1.0 + rank
+    return seeded(step, micro)
+result = training.train(config, batches=batches, clock=lambda: clock["now"])
 ends = [None] * 2
 dist.all_gather_object(ends, (result.step, result.stop_reason, [entry["lr"] for entry in result.history]))
 dist.destroy_process_group()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import training
+from m07_training.doctor import MIN_UPDATES_FOR_PLATEAU
 
 V = 65  # ln V = 4.17
 
@@ -104,7 +105,7 @@ def test_without_unigram_loss_the_plateau_bar_is_ln_v():
 
 
 def test_a_short_run_is_too_short_to_call_a_plateau():
-    rows = history(learning_curve(training.MIN_UPDATES_FOR_PLATEAU - 1, end=4.0))
+    rows = history(learning_curve(MIN_UPDATES_FOR_PLATEAU - 1, end=4.0))
     assert problems(training.diagnose(rows, vocab_size=V, unigram_loss=3.3)) == ["healthy"]
 
 

@@ -34,7 +34,7 @@ def test_no_template_text_reaches_the_reader(path):
 
 def test_lesson_06_quotes_the_current_update_loop():
     prose = reader_text(ROOT / "lessons" / "06-scaling-up.ipynb")
-    quote = re.search(r"\(`_update`.*?```python\n(.*?)```", prose, re.S).group(1)
-    source = {line.strip() for line in inspect.getsource(training._update).splitlines()}
+    quote = re.search(r"\(`update`.*?```python\n(.*?)```", prose, re.S).group(1)
+    source = {line.strip() for line in inspect.getsource(training.update).splitlines()}
     stale = [line for line in quote.splitlines() if line.strip() not in source]
-    assert not stale, f"lesson 06 quotes lines that training._update no longer has: {stale}"
+    assert not stale, f"lesson 06 quotes lines that training.update no longer has: {stale}"

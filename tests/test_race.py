@@ -11,7 +11,7 @@ def test_serves_the_batches_train_draws_itself():
     data = torch.arange(1000)
     clocked = ClockedBatches(data, config, torch.device("cpu"))
     for step, micro in [(1, 0), (2, 0), (2, 1)]:
-        own = training._seeded_batches(data, config, torch.device("cpu"))(step, micro)
+        own = training.seeded_batches(data, config, torch.device("cpu"))(step, micro)
         for a, b in zip(clocked(step, micro), own):
             assert torch.equal(a, b)
 

@@ -1,0 +1,22 @@
+"""The library behind training.py, one concept per file, each the production twin of a lesson.
+
+    loss.py          lesson 1   cross_entropy, perplexity
+    optimizers.py    lesson 2   SGD, AdamW
+    schedules.py     lesson 3   cosine_lr, linear_lr, CosineScheduler, the LR of one update
+    clipping.py      lesson 4   clip_grad_norm
+    devices.py       lesson 4   pick_device, mixed precision (autocast), unwrap
+    doctor.py        lesson 4   diagnose: what went wrong in a run, and what to try
+    data.py          lesson 5   CharTokenizer, load_corpus, get_batch, batch_seed
+    download.py      lesson 5   download_corpus: URL + SHA-256 + cache
+    checkpoint.py    lesson 5   save_checkpoint, read_checkpoint, load_checkpoint
+    run_files.py     lesson 5   a run's out_dir: its lock, atomic writes, history.jsonl
+    config.py        lesson 5   TrainConfig: every knob of a run, and a flag of the CLI
+    loop.py          lesson 5   train, evaluate, update: the training loop
+    signals.py       lesson 5   stopping cleanly on Ctrl-C or SIGTERM
+    sampling.py      lesson 5   sample_text
+    distributed.py   lesson 6   torchrun: process groups, ranks that agree
+    muon.py          lesson 7   newton_schulz, Muon, MuonWithAdamW
+
+Import the public names from `training` (training.py, the face of this package); the modules
+here import each other, never training.py.
+"""

