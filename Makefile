@@ -5,15 +5,25 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# Which torch build: auto (keep an installed build of the pinned version; else PyPI's CUDA wheel
+# where an NVIDIA driver is found, else the CPU-only wheel), cpu or cuda. See course/torch_choice.py.
+TORCH  ?= auto
 
 .PHONY: all train test setup browser-deps benchmarks site
 all: train
 
-# Re-install only when the pins or the package metadata change.
-$(VENV)/.installed: requirements.txt pyproject.toml
+# Re-install only when the pins, the package metadata or the TORCH setting change.
+$(VENV)/.installed: requirements.txt pyproject.toml course/torch_choice.py $(VENV)/.torch-$(TORCH)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
+	$(PY) course/torch_choice.py --torch $(TORCH) --install
 	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+# Marks the TORCH setting of the last install, so that `make TORCH=cpu` re-runs it.
+$(VENV)/.torch-%:
+	mkdir -p $(VENV)
+	rm -f $(VENV)/.torch-*
 	touch $@
 
 setup: $(VENV)/.installed

@@ -16,9 +16,11 @@ A candidate that loops forever, crashes or kills the kernel costs only its own n
 scores 0 with the reason, and the others are still graded. A call that outlives its time limit
 is interrupted; one that keeps running (a bare `except:` around a loop) ends its kernel.
 
-Scores: 1 when the check passes, 0 otherwise. The grader prints a table (learner = the folder
-holding the notebook) and writes ``grades.csv`` and ``grades.json`` to ``--out`` (default: the
-current folder). The checks' messages say what is wrong; they never show the reference code.
+Scores: 1 when the check passes, 0 otherwise. While it grades, the grader prints a line on stderr
+as each notebook finishes (``[3/12] alice/04-cosine-schedule.ipynb: cosine-schedule, score 1, 2.3 s``);
+then a table on stdout (learner = the folder holding the notebook, file = the notebook's file name)
+and writes ``grades.csv`` and ``grades.json`` to ``--out`` (default: the current folder). The checks'
+messages say what is wrong; they never show the reference code.
 
 Exit status: 0 when every notebook passed, 1 when at least one scored 0, 2 on a usage error
 (a PATH that does not exist, or no notebook found).
@@ -33,6 +35,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -46,7 +49,8 @@ from exercises import checks
 from exercises.catalog import BY_SLUG, EXERCISES
 from exercises.integrity import scan
 
-__all__ = ["Grade", "answer_cells", "find_notebooks", "identify", "grade_notebook", "grade_paths", "main"]
+__all__ = ["Grade", "answer_cells", "find_notebooks", "identify", "grade_notebook", "grade_paths", "progress_printer",
+           "main"]
 
 CELL_TIMEOUT_S = 120.0   # per learner cell
 CALL_TIMEOUT_S = 20.0    # per call of the candidate inside the check (exercises.checks.TIME_LIMIT_S)
@@ -219,13 +223,38 @@ def _run_and_judge(path, exercise, cells, scratch, cell_timeout, call_timeout, c
     return True, ""
 
 
-def grade_paths(paths, *, jobs=1, **options):
-    """Grade every notebook under `paths`, `jobs` kernels at a time; Grades in the order of find_notebooks."""
+def grade_paths(paths, *, jobs=1, on_graded=None, **options):
+    """Grade every notebook under `paths`, `jobs` kernels at a time; Grades in the order of find_notebooks.
+    `on_graded(grade)`, if given, is called as each notebook finishes (from the grading thread)."""
     notebooks = find_notebooks(paths)
+
+    def one(path):
+        graded = grade_notebook(path, **options)
+        if on_graded is not None:
+            on_graded(graded)
+        return graded
+
     if jobs <= 1:
-        return [grade_notebook(path, **options) for path in notebooks]
+        return [one(path) for path in notebooks]
     with ThreadPoolExecutor(jobs) as pool:  # the work happens in the kernels; threads only wait on them
-        return list(pool.map(lambda path: grade_notebook(path, **options), notebooks))
+        return list(pool.map(one, notebooks))
+
+
+def _file(grade):
+    return Path(grade.notebook).name
+
+
+def progress_printer(total, file=None):
+    """An on_graded for grade_paths: prints ``[done/total] learner/file: exercise, score S, T s`` per notebook."""
+    lock, done = threading.Lock(), [0]
+
+    def report(grade):
+        with lock:
+            done[0] += 1
+            print(f"[{done[0]}/{total}] {grade.learner}/{_file(grade)}: {grade.exercise}, score {grade.score}, "
+                  f"{grade.seconds:.1f} s", file=file or sys.stderr, flush=True)
+
+    return report
 
 
 def _write(grades, out):
@@ -243,13 +272,13 @@ def _write(grades, out):
 
 
 def _table(grades, width=90):
-    header = ("learner", "exercise", "score", "reason")
-    rows = [(g.learner, g.exercise, str(g.score), g.reason or "passed") for g in grades]
-    widths = [max(len(row[i]) for row in rows + [header]) for i in range(3)]
+    header = ("learner", "file", "exercise", "score", "reason")
+    rows = [(g.learner, _file(g), g.exercise, str(g.score), g.reason or "passed") for g in grades]
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(4)]
     lines = []
     for row in [header] + rows:
-        reason = row[3] if len(row[3]) <= width else row[3][:width - 3] + "..."
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + reason)
+        reason = row[4] if len(row[4]) <= width else row[4][:width - 3] + "..."
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + reason)
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
@@ -281,8 +310,9 @@ def main(argv=None):
         print("error: no notebook found in " + ", ".join(args.paths), file=sys.stderr)
         return 2
     print(f"grading {len(notebooks)} notebook(s) ...", file=sys.stderr, flush=True)
-    grades = grade_paths(notebooks, jobs=args.jobs, cell_timeout=args.cell_timeout,
-                         call_timeout=args.call_timeout, check_timeout=args.check_timeout)
+    grades = grade_paths(notebooks, jobs=args.jobs, on_graded=progress_printer(len(notebooks)),
+                         cell_timeout=args.cell_timeout, call_timeout=args.call_timeout,
+                         check_timeout=args.check_timeout)
     _write(grades, args.out)
     print(_table(grades))
     print(f"\n{sum(g.score for g in grades)}/{len(grades)} passed; wrote {args.out / 'grades.csv'} and "

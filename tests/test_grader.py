@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -199,9 +200,35 @@ def test_exit_status_and_a_clean_console(graded):
     assert "warmup is off by one" in stdout
     assert "return max_lr * step" not in stdout  # never the reference code
     table = stdout.split("\n\n")[0].splitlines()
-    assert table[0].split() == ["learner", "exercise", "score", "reason"] and set(table[1]) == {"-"}
+    assert table[0].split() == ["learner", "file", "exercise", "score", "reason"] and set(table[1]) == {"-"}
     assert len(table) == 2 + len(EXPECTED)  # nothing but the rows, whatever the kernels print
-    assert stderr.strip() == f"grading {len(EXPECTED)} notebook(s) ..."
+    first, *progress = stderr.strip().splitlines()
+    assert first == f"grading {len(EXPECTED)} notebook(s) ..."
+    assert len(progress) == len(EXPECTED)  # one line per notebook and nothing else
+
+
+PROGRESS = re.compile(r"\[(\d+)/(\d+)\] (\S+): (\S+), score ([01]), (\d+\.\d) s")
+
+
+@pytest.mark.slow  # shares one grading run
+def test_a_progress_line_per_notebook_as_it_finishes(graded):
+    _, _, _, _, stderr = graded
+    lines = [PROGRESS.fullmatch(line) for line in stderr.strip().splitlines()[1:]]
+    assert all(lines), stderr
+    assert [(int(line[1]), int(line[2])) for line in lines] == [(n, len(EXPECTED)) for n in range(1, len(EXPECTED) + 1)]
+    reported = {line[3]: (line[4], int(line[5])) for line in lines}  # learner/file -> (exercise, score)
+    assert reported == {name: (exercise, score) for name, (_, exercise, score, _) in EXPECTED.items()}
+
+
+@pytest.mark.slow  # shares one grading run
+def test_the_table_names_each_notebooks_file(graded):
+    """Two notebooks of one learner for the same exercise are two rows told apart by their file."""
+    _, _, _, stdout, _ = graded
+    table = [line.split() for line in stdout.split("\n\n")[0].splitlines()[2:]]
+    assert {(row[0], row[1], row[2], row[3]) for row in table} == \
+        {(learner, name.split("/")[1], exercise, str(score)) for name, (learner, exercise, score, _) in EXPECTED.items()}
+    carol = [row[1] for row in table if row[0] == "carol" and row[2] == "cosine-schedule"]
+    assert sorted(carol) == ["04-cosine-schedule-again.ipynb", "04-cosine-schedule.ipynb"]
 
 
 PATCHES = """\
@@ -228,6 +255,34 @@ def test_patches_inside_the_kernel_do_not_change_the_verdict(tmp_path):
     passed, reason = grade._run_and_judge(path, exercise, grade.answer_cells(notebook, exercise), tmp_path,
                                           CELL_TIMEOUT_S, CALL_TIMEOUT_S, grade.CHECK_TIMEOUT_S)
     assert not passed and "warmup is off by one" in reason, reason
+
+
+def test_progress_lines_and_the_file_column_without_kernels(tmp_path, monkeypatch, capsys):
+    """A flat folder: every row is labelled with the folder's name; a line per notebook, counted, on stderr."""
+    folder = tmp_path / "week1"
+    for name in ("04-cosine-schedule.ipynb", "04-cosine-schedule-v2.ipynb", "notes.ipynb"):
+        submission(folder, name, None)
+    verdicts = {"04-cosine-schedule.ipynb": ("cosine-schedule", 1, ""),
+                "04-cosine-schedule-v2.ipynb": ("cosine-schedule", 0, "warmup is off by one"),
+                "notes.ipynb": ("?", 0, "cannot tell which exercise this notebook is")}
+    monkeypatch.setattr(grade, "grade_notebook", lambda path, **options: grade.Grade(
+        str(path), Path(path).parent.name, *verdicts[Path(path).name], seconds=2.0))
+    assert grade.main([str(folder), "--out", str(tmp_path / "out"), "--jobs", "2"]) == 1
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert lines[0] == "grading 3 notebook(s) ..."
+    assert sorted(line.split("] ", 1)[1] for line in lines[1:]) == [
+        "week1/04-cosine-schedule-v2.ipynb: cosine-schedule, score 0, 2.0 s",
+        "week1/04-cosine-schedule.ipynb: cosine-schedule, score 1, 2.0 s",
+        "week1/notes.ipynb: ?, score 0, 2.0 s"]
+    assert sorted(line.split("]")[0] for line in lines[1:]) == ["[1/3", "[2/3", "[3/3"]
+    table = out.split("\n\n")[0].splitlines()
+    assert table[0].split() == ["learner", "file", "exercise", "score", "reason"]
+    assert [row.split()[:4] for row in table[2:]] == [  # the order of find_notebooks
+        ["week1", "04-cosine-schedule-v2.ipynb", "cosine-schedule", "0"],
+        ["week1", "04-cosine-schedule.ipynb", "cosine-schedule", "1"],
+        ["week1", "notes.ipynb", "?", "0"]]
+    assert "1/3 passed" in out
 
 
 def test_usage_errors_exit_with_status_2(tmp_path, capsys):

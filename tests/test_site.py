@@ -253,3 +253,41 @@ def test_workflow_publishes_the_public_site_only():
     assert published == [PUBLIC_OUTPUT]
     commands = [step.get("run", "").strip() for step in steps]
     assert "quarto render" in commands and "quarto render --profile instructor" in commands
+
+
+# --- Workflows -----------------------------------------------------------------------------------------
+
+WORKFLOWS = sorted(path.relative_to(REPO).as_posix() for path in (REPO / ".github/workflows").glob("*.yml"))
+# The first major of each action that runs on Node 24: the majors before run on Node 20, which GitHub
+# retired (upload-artifact v5 and download-artifact v5 and v6 still defaulted to Node 20). An action
+# not listed here fails the test below until someone looks up its runtime and adds it.
+NODE_24_FROM = {"actions/checkout": 5, "actions/setup-python": 6, "actions/setup-node": 5,
+                "actions/upload-artifact": 6, "actions/download-artifact": 7, "actions/upload-pages-artifact": 5,
+                "actions/deploy-pages": 5, "quarto-dev/quarto-actions/setup": 2}  # quarto's is a shell action
+
+
+def workflow_steps(name):
+    return [step for job in load_yaml(name)["jobs"].values() for step in job.get("steps", [])]
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS)
+def test_no_action_runs_on_node_20(workflow):
+    for uses in [step["uses"] for step in workflow_steps(workflow) if "uses" in step]:
+        action, _, ref = uses.partition("@")
+        assert action in NODE_24_FROM, f"{workflow}: {action} is not in NODE_24_FROM; look up its runtime"
+        assert re.fullmatch(r"v\d+", ref), f"{workflow}: {uses} should name a major, like @v7"
+        assert int(ref[1:]) >= NODE_24_FROM[action], f"{workflow}: {uses} runs on Node 20"
+
+
+def test_the_site_is_rendered_by_a_pinned_quarto_release():
+    setup = [step for step in workflow_steps(".github/workflows/site.yml")
+             if step.get("uses", "").startswith("quarto-dev/quarto-actions/setup@")]
+    assert len(setup) == 1 and re.fullmatch(r"\d+\.\d+\.\d+", str(setup[0].get("with", {}).get("version"))), setup
+
+
+def test_a_workflow_runs_make_test_on_every_push_and_pull_request():
+    workflow = load_yaml(".github/workflows/tests.yml")
+    triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 reads the key `on` as true
+    assert "push" in triggers and "pull_request" in triggers
+    assert not (triggers["push"] or {}).get("branches"), "on every branch, not only main"
+    assert any(step.get("run", "").strip() == "make test" for step in workflow_steps(".github/workflows/tests.yml"))
