@@ -38,3 +38,11 @@ def test_lesson_06_quotes_the_current_update_loop():
     source = {line.strip() for line in inspect.getsource(training.update).splitlines()}
     stale = [line for line in quote.splitlines() if line.strip() not in source]
     assert not stale, f"lesson 06 quotes lines that training.update no longer has: {stale}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "lessons").glob("*.ipynb")), ids=lambda p: p.name)
+def test_each_lesson_names_the_file_of_its_production_version(path):
+    prose = reader_text(path)
+    files = re.findall(r"`(m07_training/\w+\.py)`", prose.split("**The production version.**", 1)[-1])
+    assert "**The production version.**" in prose and files, f"{path.name} does not name its production file"
+    assert all((ROOT / name).is_file() for name in files), files

@@ -1,5 +1,6 @@
 """GPTConfig's options (rotary, QK-norm, ReLU^2, zero-init projections, untied head), and that the
 defaults are still module 06's tiny GPT."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -113,3 +114,38 @@ def test_train_config_options_reach_the_model():
     assert training.gpt_config(training.TrainConfig(), 65) == GPTConfig(**shape, qk_norm=True, mlp_activation="relu2")
     with pytest.raises(ValueError, match="TrainConfig.rotary"):
         training.TrainConfig(rotary=True, d_model=36, n_heads=12)
+
+
+def test_train_config_holds_every_model_field_of_gpt_config():
+    """One source for the model's fields: GPTConfig. TrainConfig carries each one (vocab_size comes from the
+    corpus, bias stays module 06's), and gpt_config passes them all on."""
+    model_fields = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size", "bias"}
+    assert set(training.MODEL_FIELDS) == model_fields
+    assert model_fields <= {f.name for f in dataclasses.fields(training.TrainConfig)}
+    config = training.TrainConfig(d_model=96, n_heads=3, rotary=True, tie_head=False, mlp_activation="gelu")
+    built = training.gpt_config(config, vocab_size=7)
+    assert all(getattr(built, name) == getattr(config, name) for name in model_fields) and built.vocab_size == 7
+
+
+def test_train_config_takes_the_model_checks_from_gpt_config():
+    with pytest.raises(ValueError, match=r"^TrainConfig\.d_model \(100\) must be divisible by n_heads \(3\)"):
+        training.TrainConfig(d_model=100, n_heads=3)
+    with pytest.raises(ValueError, match=r"^TrainConfig\.rotary needs an even head size"):
+        training.TrainConfig(d_model=12, n_heads=4, rotary=True)
+
+
+def test_train_config_paths_may_be_path_objects(tmp_path):
+    config = training.TrainConfig(data=tmp_path / "text.txt", out_dir=tmp_path / "out", resume=tmp_path / "last.pt")
+    assert (config.data, config.out_dir, config.resume) == (str(tmp_path / "text.txt"), str(tmp_path / "out"),
+                                                            str(tmp_path / "last.pt"))
+
+
+def test_train_rechecks_a_config_changed_after_it_was_made_before_touching_the_out_dir(tiny_train_config):
+    first = training.train(tiny_train_config(max_steps=10))
+    out_dir = Path(first.last_checkpoint).parent
+    before = {path.name: path.read_bytes() for path in out_dir.iterdir()}
+    config = tiny_train_config(out_dir=str(out_dir), overwrite=True)
+    config.batch_size = 0
+    with pytest.raises(ValueError, match=r"TrainConfig\.batch_size must be > 0"):
+        training.train(config)
+    assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
