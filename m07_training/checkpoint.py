@@ -2,6 +2,7 @@
 weights_only=True (tensors and plain data only: loading a checkpoint runs no code)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import pickle
@@ -157,27 +158,81 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
                     scheduler=None, scaler: torch.amp.GradScaler | None = None, map_location=None) -> int:
     """Restore model (and, when given, optimizer, scheduler, scaler) and the RNG states; return the step.
 
-    Loads with weights_only=True. A file that is not a checkpoint, is truncated or damaged,
-    holds code, or does not fit the model raises CheckpointError and changes nothing.
+    Loads with weights_only=True. All or nothing: a file that is not a checkpoint, is truncated or
+    damaged, holds code, or does not fit the model, the optimizer or this machine's random-number
+    generators raises CheckpointError, and every object and random state is as it was before the call.
     """
     checkpoint = read_checkpoint(path, map_location=map_location)
     model = unwrap(model)
+    targets = {name: obj for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler))
+               if obj is not None}
     _check_state_dict(model, checkpoint["model"])
-    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
-        if obj is not None and checkpoint[name] is None:
+    for name in targets:
+        if checkpoint[name] is None:
             raise CheckpointError(f"{path} holds no {name} state, but a {name} was given to restore")
-    # The optimizer, scheduler and scaler check their state as they load it: load them before the model.
-    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
-        if obj is not None:
+    if optimizer is not None:
+        _check_optimizer_state(path, optimizer, checkpoint["optimizer"])
+    _check_rng_state(path, checkpoint["rng"])
+    before = {"model": copy.deepcopy(model.state_dict()), "rng": _rng_state(),
+              **{name: copy.deepcopy(obj.state_dict()) for name, obj in targets.items()}}
+    try:
+        # The optimizer, scheduler and scaler check their state as they load it: load them before the model.
+        for name, obj in targets.items():
             try:
                 obj.load_state_dict(checkpoint[name])
             except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as error:
                 raise CheckpointError(f"{path}: its {name} state does not fit this {name} "
                                       f"({type(error).__name__}: {error})") from None
-    model.load_state_dict(checkpoint["model"])
-    try:
-        _set_rng_state(checkpoint["rng"])
-    except (ValueError, TypeError, RuntimeError) as error:
-        raise CheckpointError(f"{path}: its random-number-generator state does not load ({error})") from None
+        model.load_state_dict(checkpoint["model"])
+        try:
+            _set_rng_state(checkpoint["rng"])
+        except (ValueError, TypeError, RuntimeError) as error:
+            raise CheckpointError(f"{path}: its random-number-generator state does not load ({error})") from None
+    except BaseException:
+        model.load_state_dict(before["model"])
+        for name, obj in targets.items():
+            obj.load_state_dict(before[name])
+        _set_rng_state(before["rng"])
+        raise
     return checkpoint["step"]
 
+
+def _check_optimizer_state(path: Path, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """The saved optimizer state fits `optimizer`: as many groups of as many parameters, and every
+    per-parameter tensor (a moment, a momentum buffer) of its parameter's shape."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: its optimizer state does not fit this optimizer: {what}")
+    groups, per_param = state.get("param_groups"), state.get("state")
+    if not isinstance(groups, list) or not isinstance(per_param, dict):
+        raise bad("it lacks 'param_groups' or 'state'")
+    if len(groups) != len(optimizer.param_groups):
+        raise bad(f"{len(groups)} parameter groups saved, {len(optimizer.param_groups)} here")
+    params = {}
+    for number, (saved, live) in enumerate(zip(groups, optimizer.param_groups)):
+        if not isinstance(saved, dict) or len(saved.get("params", ())) != len(live["params"]):
+            raise bad(f"group {number} holds {len(saved.get('params', ())) if isinstance(saved, dict) else '?'} "
+                      f"parameters saved, {len(live['params'])} here")
+        params.update(zip(saved["params"], live["params"]))
+    for key, entries in per_param.items():
+        if key not in params or not isinstance(entries, dict):
+            raise bad(f"state for a parameter {key!r} it does not have")
+        for name, value in entries.items():
+            if torch.is_tensor(value) and value.dim() and value.shape != params[key].shape:
+                raise bad(f"{name!r} of parameter {key} has shape {list(value.shape)}, the parameter "
+                          f"{list(params[key].shape)}")
+
+
+def _check_rng_state(path: Path, rng: dict) -> None:
+    """The saved random states would load on this machine (checked on throwaway generators)."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: its random-number-generator state does not load ({what})")
+    if rng["torch"].shape != torch.get_rng_state().shape:
+        raise bad(f"a torch state of {rng['torch'].numel()} bytes, {torch.get_rng_state().numel()} expected")
+    try:
+        version, internal, gauss = rng["python"]
+        random.Random().setstate((version, tuple(internal), gauss))
+    except (ValueError, TypeError) as error:
+        raise bad(f"the Python state: {error}") from None
+    if rng["cuda"] and torch.cuda.is_available():
+        if not all(torch.is_tensor(t) and t.dtype == torch.uint8 for t in rng["cuda"]):
+            raise bad("the CUDA states are not byte tensors")

@@ -18,6 +18,8 @@ POSITIVE = ("batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eva
 NON_NEGATIVE = ("decay_steps", "warmup_steps", "patience", "min_lr", "weight_decay", "grad_clip", "sample_chars",
                 "seed")
 FRACTIONS = ("dropout", "beta1", "beta2", "muon_momentum")  # in [0, 1)
+# Signals and the time budget are read between updates, so an update must end in a bounded time.
+MAX_GRAD_ACCUM = 4096
 
 
 def flag(default, help, choices=None, kind=None):
@@ -53,7 +55,8 @@ class TrainConfig:
     # LR decayed to 0 beats AdamW with GELU at equal wall time (lesson 7;
     # benchmarks/BENCHMARKS.md; README: Decisions).
     batch_size: int = flag(16, "sequences per micro-batch (per process under torchrun)")
-    grad_accum_steps: int = flag(1, "micro-batches accumulated into one update")
+    grad_accum_steps: int = flag(1, f"micro-batches accumulated into one update (at most {MAX_GRAD_ACCUM}: "
+                                    f"Ctrl-C and --max-minutes are read between updates)")
     max_steps: int = flag(3500, "optimizer updates to run (an upper bound with --max-minutes)")
     max_minutes: float | None = flag(None, "end the run after this many minutes of training, counted from the "
                                      "first update (corpus loading and model building excluded); the LR decay "
@@ -91,7 +94,11 @@ class TrainConfig:
                       ["auto", "fp32", "bf16", "fp16"])
     compile: bool = flag(False, "torch.compile the model (needs a C compiler on CPU)")
     seed: int = flag(1337, "seed for initialisation, batches and sampling")
-    resume: str = flag("", "checkpoint to resume from (e.g. out/last.pt)")
+    resume: str = flag("", "checkpoint to resume from (out/last.pt, or the folder out/ for its last.pt); the CLI "
+                       "takes every setting you do not give from the checkpoint")
+    resume_on_new_data: bool = flag(False, "resume a checkpoint on another text with the same alphabet (fine-tuning): "
+                                           "weights, optimizer state and update count carry on, the best val loss "
+                                           "and the patience count start afresh")
     overwrite: bool = flag(False, "start a new run in an out_dir that holds another run, deleting its "
                                   "best.pt, last.pt and history.jsonl")
     sample_chars: int = flag(500, "characters the CLI generates after training")
@@ -114,6 +121,9 @@ class TrainConfig:
         for name in FRACTIONS:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.grad_accum_steps > MAX_GRAD_ACCUM:
+            raise ValueError(f"TrainConfig.grad_accum_steps must be at most {MAX_GRAD_ACCUM}, got "
+                             f"{self.grad_accum_steps}: a stop signal or the time budget waits for the update to end")
         if self.muon_ns_steps >= 100:
             raise ValueError(f"TrainConfig.muon_ns_steps must be < 100, got {self.muon_ns_steps!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
@@ -124,6 +134,8 @@ class TrainConfig:
             gpt_config(self, vocab_size=2)
         except ValueError as error:
             raise ValueError(str(error).replace("GPTConfig.", "TrainConfig.")) from None
+        if self.resume and os.path.isdir(self.resume):  # a run's folder: continue from its last checkpoint
+            self.resume = os.path.join(self.resume, "last.pt")
         if self.warmup_steps > self.total_schedule_steps:
             raise ValueError(f"TrainConfig.warmup_steps ({self.warmup_steps}) exceeds the schedule length "
                              f"({self.total_schedule_steps})")

@@ -2,6 +2,8 @@
 package, a downloaded file, or any text file), their train/validation split, and random batches."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.metadata
 import re
 from collections.abc import Callable, Iterable
@@ -66,6 +68,11 @@ class Corpus:
     tokenizer: CharTokenizer
     train_ids: torch.Tensor = field(repr=False)
     val_ids: torch.Tensor = field(repr=False)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 of the text (train, then validation): a resumed run checks it trains on the same text."""
+        return hashlib.sha256((self.train_text + self.val_text).encode("utf-8")).hexdigest()
 
 
 VAL_FRACTION = 0.1
@@ -151,6 +158,9 @@ def load_corpus(data: str = "shakespeare", *, cache_dir: str | Path | None = Non
     if len(val_text) < 2:
         raise ValueError(f"corpus {data!r} is too small to split into train and validation")
     tokenizer = CharTokenizer.from_text(train_text + val_text)
+    if tokenizer.vocab_size < 2:
+        raise ValueError(f"corpus {data!r} holds a single distinct character ({tokenizer.chars[0]!r}): there is "
+                         f"nothing to predict; use a text with at least two different characters")
     return Corpus(data, train_text, val_text, tokenizer, tokenizer.encode(train_text), tokenizer.encode(val_text))
 
 

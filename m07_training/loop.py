@@ -68,7 +68,10 @@ def train(config: TrainConfig, *, batches: BatchSource | None = None,
     config.validate()  # again: a field may have been changed since the config was made
     ranks, device = setup_distributed(config.device)
     corpus, trainee = build(config, device)
-    start_step, record = resume(config.resume, trainee, corpus) if config.resume else (0, RunRecord())
+    start_step, record = resume(config, trainee, corpus) if config.resume else (0, RunRecord())
+    if start_step >= config.max_steps:
+        raise ValueError(f"{config.resume} is at update {start_step} and max_steps is {config.max_steps}: there is "
+                         f"nothing left to train; give a larger --max-steps to extend the run")
     prepare_for_updates(trainee, config, ranks, start_step)
     batches = batches or seeded_batches(corpus.train_ids, config, device)
     out = OutDir(config.out_dir)
@@ -152,6 +155,8 @@ def update(trainee: Trainee, batches: BatchSource, step: int, lr: float, config:
 def evaluate(model: nn.Module, data: torch.Tensor, *, batch_size: int, context_length: int, batches: int,
              device: torch.device, dtype: torch.dtype = torch.float32, seed: int = 0) -> float:
     """Mean loss over `batches` random batches; the same batches for the same seed every call."""
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"batches must be a positive int, got {batches!r}")
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -240,9 +245,11 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
     return SGD(groups, lr=config.lr, momentum=config.beta1, foreach=True), "training.SGD (momentum, multi-tensor)"
 
 
-def resume(path: str, trainee: Trainee, corpus: Corpus) -> tuple[int, RunRecord]:
-    """Load the checkpoint at `path` into trainee, after checking that it can continue this run at all;
-    returns its update and its record."""
+def resume(config: TrainConfig, trainee: Trainee, corpus: Corpus) -> tuple[int, RunRecord]:
+    """Load the checkpoint config.resume into trainee, after checking that it continues this run: the
+    same model, the same alphabet, the same text (unless config.resume_on_new_data), finite weights,
+    a usable record; returns its update and its record. Nothing is loaded when a check fails."""
+    path = config.resume
     saved = read_checkpoint(path, map_location=trainee.device)
     extra = saved["extra"]
     chars = extra.get("chars")
@@ -251,19 +258,52 @@ def resume(path: str, trainee: Trainee, corpus: Corpus) -> tuple[int, RunRecord]
                               f"so it cannot continue a run")
     if chars != corpus.tokenizer.chars:
         raise CheckpointError(f"{path} was trained on another alphabet than corpus {corpus.name!r}")
+    differences = differences_from_checkpoint(saved, trainee, corpus, config.resume_on_new_data)
+    if differences:
+        raise CheckpointError(f"{path} is not this run: " + "; ".join(differences) + ". Resume with the "
+                              f"checkpoint's settings, or start a new run in another --out-dir"
+                              + ("" if config.resume_on_new_data else " (--resume-on-new-data continues it on "
+                                 "another text)" if any(d.startswith(("data", "text")) for d in differences) else ""))
     bad = next((name for name, t in saved["model"].items() if t.is_floating_point() and not t.isfinite().all()), None)
     if bad:
         raise CheckpointError(f"{path} holds non-finite weights ({bad}): resume from an earlier checkpoint")
+    record = saved_record(path, extra)
+    step = load_checkpoint(path, trainee.model, trainee.optimizer, scaler=trainee.scaler, map_location=trainee.device)
+    if config.resume_on_new_data:  # a val loss of another text is no bar for this one
+        record = RunRecord(train_seconds=record.train_seconds)
+    return step, record
+
+
+def differences_from_checkpoint(saved: dict, trainee: Trainee, corpus: Corpus, new_data_allowed: bool) -> list[str]:
+    """'field: checkpoint X, this run Y' for every model field, and the text, that differ."""
+    differences = []
+    built = dataclasses.asdict(trainee.model.config)
+    for name, value in (saved["model_config"] or {}).items():
+        if built.get(name, value) != value:
+            differences.append(f"{name}: checkpoint {value!r}, this run {built[name]!r}")
+    stored = saved["extra"].get("config") or {}
+    digest = saved["extra"].get("corpus_sha256")
+    if not new_data_allowed:
+        if stored.get("data", corpus.name) != corpus.name:
+            differences.append(f"data: checkpoint {stored['data']!r}, this run {corpus.name!r}")
+        elif digest is not None and digest != corpus.digest:
+            differences.append(f"text: the checkpoint's {corpus.name!r} had SHA-256 {digest[:12]}..., this run's "
+                               f"{corpus.digest[:12]}... (the file changed)")
+    return differences
+
+
+def saved_record(path: str, extra: dict) -> RunRecord:
+    """The record a checkpoint holds, each value checked (a checkpoint written before the time budget
+    existed has no train_seconds: it counts as 0)."""
     record = RunRecord(extra.get("best_val_loss", math.inf), extra.get("evals_without_improvement", 0),
                        extra.get("train_seconds", 0.0))
-    for name, kind in (("best_val_loss", (int, float)), ("evals_without_improvement", int),
-                       ("train_seconds", (int, float))):
+    for name, kind, finite in (("best_val_loss", (int, float), False), ("evals_without_improvement", int, True),
+                               ("train_seconds", (int, float), True)):
         value = getattr(record, name)
-        if isinstance(value, bool) or not isinstance(value, kind) or value < 0 or \
-                (name == "train_seconds" and not math.isfinite(value)) or (value != value):
+        if isinstance(value, bool) or not isinstance(value, kind) or math.isnan(value) or value < 0 \
+                or (finite and math.isinf(value)):
             raise CheckpointError(f"{path} holds an unusable extra[{name!r}] ({value!r})")
-    step = load_checkpoint(path, trainee.model, trainee.optimizer, scaler=trainee.scaler, map_location=trainee.device)
-    return step, RunRecord(float(record.best_val_loss), record.evals_without_improvement, float(record.train_seconds))
+    return RunRecord(float(record.best_val_loss), record.evals_without_improvement, float(record.train_seconds))
 
 
 def prepare_for_updates(trainee: Trainee, config: TrainConfig, ranks: Ranks, start_step: int) -> None:
@@ -346,7 +386,8 @@ def evaluation(step: int, lr: float, trainee: Trainee, corpus: Corpus, config: T
                ranks: Ranks, record: RunRecord, budget: Budget, history: list[dict], meter: Throughput,
                bar) -> str | None:
     """Rank 0 measures train and val loss, writes best.pt on a better val loss and last.pt every time,
-    and decides whether to stop; every rank gets the decision: the stop reason, or None."""
+    and decides whether to stop; every rank gets the decision: the stop reason, or None. A val loss
+    above ln V (worse than a uniform guess) never becomes best.pt: such weights are no state to return to."""
     reason = None
     if ranks.is_main:
         eval_kwargs = dict(batch_size=config.batch_size, context_length=config.context_length,
@@ -358,7 +399,7 @@ def evaluation(step: int, lr: float, trainee: Trainee, corpus: Corpus, config: T
         if not math.isfinite(val_loss):
             reason = non_finite_reason(out, ranks, f"validation loss at update {step}")
         else:
-            if val_loss < record.best_val_loss:
+            if val_loss < min(record.best_val_loss, math.log(corpus.tokenizer.vocab_size)):  # best means good
                 record.best_val_loss, record.evals_without_improvement = val_loss, 0
                 save_run(out.best, step, trainee, corpus, config, record, budget)
             else:
@@ -378,7 +419,7 @@ def save_run(path, step: int, trainee: Trainee, corpus: Corpus, config: TrainCon
              budget: Budget) -> None:
     """A checkpoint that can continue this run: its tensors, its settings, its alphabet and its record."""
     save_checkpoint(path, trainee.model, trainee.optimizer, step, scaler=trainee.scaler,
-                    config=dataclasses.asdict(config), chars=corpus.tokenizer.chars,
+                    config=dataclasses.asdict(config), chars=corpus.tokenizer.chars, corpus_sha256=corpus.digest,
                     best_val_loss=record.best_val_loss, evals_without_improvement=record.evals_without_improvement,
                     train_seconds=budget.seconds())
 

@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -109,16 +110,16 @@ class OutDir:
                 raise ValueError(f"out_dir {self.path} holds another run ({', '.join(other_run)}): continue it "
                                  f"with --resume {shlex.quote(str(self.last))}, replace it with --overwrite, or "
                                  f"choose another --out-dir")
-            if resumes_here:  # drop the entries of updates after the checkpoint: this run redoes them
-                kept = [line for line in read_lines(self.history) if entry_step(line) <= start_step]
-                atomic_write_text(self.history, "".join(line.rstrip("\n") + "\n" for line in kept))
+            if resumes_here:
+                atomic_write_text(self.history, history_up_to(self.history, start_step))
             else:
                 self.best.unlink(missing_ok=True)
                 self.last.unlink(missing_ok=True)
                 atomic_write_text(self.history, "")
         except OSError as error:
             self.release()
-            raise OSError(f"cannot use out_dir {self.path}: {error.strerror or error}") from None
+            where = f" ({error.filename})" if error.filename else ""
+            raise OSError(f"cannot use out_dir {self.path}: {error.strerror or error}{where}") from None
         except BaseException:
             self.release()
             raise
@@ -162,13 +163,39 @@ def lock_folder(folder: Path) -> int | None:
     return fd
 
 
-def read_lines(path: Path) -> list[str]:
-    return path.read_text().splitlines(keepends=True) if path.is_file() else []
-
-
-def entry_step(line: str) -> float:
-    """The step of one history line; a line a killed run left half-written counts as after every step."""
+def history_up_to(path: Path, step: int) -> str:
+    """history.jsonl's entries of updates up to `step` (a resumed run redoes the later ones), each line
+    whole; warns (HistoryWarning) about a torn line a killed run left, and about updates missing
+    before `step` (a run killed between writing its checkpoint and its history)."""
     try:
-        return json.loads(line)["step"]
+        lines = path.read_bytes().decode("utf-8").splitlines() if path.is_file() else []
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error}): move it away to resume without its history") from None
+    kept, torn = [], 0
+    for line in lines:
+        entry = entry_step(line)
+        if entry is None:
+            torn += bool(line.strip())
+        elif entry <= step:
+            kept.append(line)
+    if torn:
+        warnings.warn(f"{path}: dropped {torn} line(s) that are not history entries (a run killed while writing "
+                      f"them)", HistoryWarning, stacklevel=2)
+    last = entry_step(kept[-1]) if kept else 0
+    if last < step:
+        warnings.warn(f"{path} ends at update {last}, the checkpoint at update {step}: updates {last + 1}-{step} "
+                      f"are missing from the history", HistoryWarning, stacklevel=2)
+    return "".join(line + "\n" for line in kept)
+
+
+class HistoryWarning(UserWarning):
+    """history.jsonl did not match the checkpoint a run resumed from; the warning says how."""
+
+
+def entry_step(line: str) -> int | None:
+    """The update of one history line, or None for a line that is not a history entry."""
+    try:
+        step = json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
-        return math.inf
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None

@@ -11,6 +11,8 @@ from .devices import unwrap
 def sample_text(model: nn.Module, tokenizer: CharTokenizer, chars: int, *, prompt: str = "\n",
                 temperature: float = 0.8, top_k: int | None = None, seed: int = 0) -> str:
     """Generate `chars` characters after `prompt` with a seeded generator (reproducible)."""
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError("prompt must be a non-empty string: the model needs at least one character to go on from")
     device = next(model.parameters()).device
     idx = tokenizer.encode(prompt).unsqueeze(0).to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
