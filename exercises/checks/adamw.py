@@ -256,9 +256,14 @@ def _matches(got, expected):
     return _first_mismatch(got, expected) is None
 
 
+def _against_reference(name, got):
+    """(training.AdamW's history on scenario `name`, the first (step, parameter) where `got` differs from it)."""
+    expected = _reference_history(name)
+    return expected, _first_mismatch(got, expected)
+
+
 def _adamw_many_steps(got):
-    expected = _reference_history("many steps")
-    mismatch = _first_mismatch(got, expected)
+    expected, mismatch = _against_reference("many steps", got)
     if mismatch is None:
         return
     variants = [
@@ -304,8 +309,7 @@ class _DecayAfterUpdate(torch.optim.Optimizer):
 
 
 def _adamw_groups_and_schedule(got):
-    expected = _reference_history("groups")
-    mismatch = _first_mismatch(got, expected)
+    expected, mismatch = _against_reference("groups", got)
     if mismatch is None:
         return
     t, i = mismatch
@@ -324,8 +328,7 @@ def _adamw_groups_and_schedule(got):
 
 
 def _adamw_late_gradient(got):
-    expected = _reference_history("late gradient")
-    mismatch = _first_mismatch(got, expected)
+    expected, mismatch = _against_reference("late gradient", got)
     if mismatch is None:
         return
     t, i = mismatch

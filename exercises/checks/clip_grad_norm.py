@@ -172,7 +172,6 @@ def _judge_grads(grads, reference, before, max_norm, expected_norm, case, as_gen
                              f"{tensor_differences(ref.grad, mine)}")
 
 
-
 def check_clip_grad_norm(fn):
     """fn(parameters, max_norm) -> 0-dim Tensor: scales every .grad in place by max_norm / (norm + 1e-6) when the
     global L2 norm exceeds max_norm (skipping .grad None) and returns the norm before clipping."""

@@ -219,5 +219,4 @@ def check_lr_finder(fn):
     run_and_judge("check_lr_finder", fn)
 
 
-
 register("check_lr_finder", _run_lr_finder, _judge_lr_finder)
