@@ -25,6 +25,7 @@ from course import colab
 from exercises import checks
 from exercises.catalog import EXERCISES
 from exercises.checks import ExerciseFailed
+from exercises.checks.harness import expected_and_got
 from exercises.grade import answer_cells
 from exercises.integrity import scan
 
@@ -537,7 +538,7 @@ def test_a_swallowed_time_limit_still_fails_the_call(monkeypatch):
 @pytest.mark.parametrize("values", [[1e-3, 1.0000001e-3], [2.302585092994046, 2.3025850929940455]])
 def test_expected_and_got_print_differently(values):
     expected, got = values
-    text = checks._pair(expected, got)
+    text = expected_and_got(expected, got)
     assert text.split(", got ")[0].removeprefix("expected ") != text.split(", got ")[1]
 
 
@@ -551,7 +552,7 @@ def test_the_run_sends_back_json_only():
 def test_the_package_ships_no_reference_answer():
     """`pip install` (the Colab set-up cell) puts exercises/ on a learner's path: no module there defines an answer."""
     answers = {exercise.candidate for exercise in EXERCISES}
-    for module in (ROOT / "exercises").glob("*.py"):
+    for module in (ROOT / "exercises").rglob("*.py"):
         tree = ast.parse(module.read_text(encoding="utf-8"))
         defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
         assert not defined & answers, module.name

@@ -1,0 +1,48 @@
+"""Checks for the module 07 exercises: `check_<exercise>(candidate)`.
+
+Each check is a *run*, which calls the learner's candidate and keeps only plain data, and a
+*judge*, which compares that data with the references (exercises/checks/harness.py explains
+both). `check_x(candidate)` runs both in the calling process: the instant feedback of a
+notebook's check cell. The grader (exercises/grade.py) calls `run_to_file` in the learner's
+kernel and `judge` in its own process, so patching this package, training or json inside the
+kernel changes nothing.
+
+Candidates (the stubs in exercises/NN-*.ipynb have exactly these shapes):
+
+    check_cross_entropy(fn)      fn(logits [N, V], targets [N]) -> 0-dim tensor, the mean loss
+    check_adamw(cls)             cls(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
+                                 a torch.optim.Optimizer whose step() the learner writes
+    check_clip_grad_norm(fn)     fn(parameters, max_norm) -> 0-dim tensor, the global norm
+                                 before clipping; gradients clipped in place
+    check_cosine_schedule(fn)    fn(step, max_lr, min_lr, warmup_steps, total_steps) -> float
+    check_linear_schedule(fn)    fn(step, max_lr, min_lr, warmup_steps, total_steps) -> float
+    check_lr_finder(fn)          fn(train_step, *, start_lr, end_lr, num_steps, diverge_factor)
+                                 -> (lrs, losses, suggested_lr); see its docstring
+    check_early_stopping(fn)     fn(model, train_step, evaluate, *, max_steps, eval_every, patience)
+                                 -> (best_step, best_val_loss, history); see its docstring
+
+The package: harness.py holds what every check shares, and each exercise has a module named
+after its slug in exercises/catalog.py (schedules.py serves both schedules). No module may be
+named `check_*`: exercises/integrity.py lets an answer import `exercises.checks.check_*`.
+"""
+from __future__ import annotations
+
+from exercises.checks.adamw import check_adamw
+from exercises.checks.clip_grad_norm import check_clip_grad_norm
+from exercises.checks.cross_entropy import check_cross_entropy
+from exercises.checks.early_stopping import check_early_stopping
+from exercises.checks.harness import ExerciseFailed, judge, run, run_to_file
+from exercises.checks.lr_finder import check_lr_finder
+from exercises.checks.schedules import check_cosine_schedule, check_linear_schedule
+
+# Set on this package by the grader (in the learner's kernel) and by the tests; the harness reads them
+# from here at every call.
+TIME_LIMIT_S = 20.0  # per call of the candidate; every reference call takes milliseconds
+GRACE_S = 2.0        # how long past the limit a call may ignore the interruption before the watchdog acts
+WATCHDOG_NOTE = None  # set by the grader in its kernel: the file the watchdog writes before ending the kernel
+
+__all__ = [
+    "ExerciseFailed", "TIME_LIMIT_S", "GRACE_S", "WATCHDOG_NOTE", "check_cross_entropy", "check_adamw",
+    "check_clip_grad_norm", "check_cosine_schedule", "check_linear_schedule", "check_lr_finder",
+    "check_early_stopping", "run", "run_to_file", "judge",
+]
