@@ -29,28 +29,30 @@ BANNED = {
     "cross-entropy": ["torch.nn.functional.cross_entropy", "torch.nn.functional.nll_loss",
                       "torch.nn.functional.log_softmax", "torch.log_softmax", "torch.logsumexp",
                       "torch.special", "torch.nn.CrossEntropyLoss", "torch.nn.NLLLoss", "torch.nn.LogSoftmax",
-                      "training.cross_entropy", ".log_softmax", ".logsumexp"],
+                      "training.cross_entropy", "m07_training.loss", ".log_softmax", ".logsumexp"],
     "adamw": ["torch.optim.AdamW", "torch.optim.Adam", "torch.optim.adamw", "torch.optim.adam",
               "torch._fused_adamw_", "torch._fused_adam_", "training.AdamW", "training.MuonWithAdamW",
-              "._step_loop", "._adamw_group"],
+              "m07_training.optimizers", "m07_training.muon", "._step_loop", "._adamw_group"],
     "clip-grad-norm": ["torch.nn.utils.clip_grad_norm_", "torch.nn.utils.clip_grad_norm",
-                       "torch.nn.utils.get_total_norm", "torch.nn.utils.clip_grad", "training.clip_grad_norm"],
-    "cosine-schedule": ["training.cosine_lr", "training.CosineScheduler", "torch.optim.lr_scheduler"],
-    "linear-schedule": ["training.linear_lr", "torch.optim.lr_scheduler"],
+                       "torch.nn.utils.get_total_norm", "torch.nn.utils.clip_grad", "training.clip_grad_norm",
+                       "m07_training.clipping"],
+    "cosine-schedule": ["training.cosine_lr", "training.CosineScheduler", "m07_training.schedules",
+                        "torch.optim.lr_scheduler"],
+    "linear-schedule": ["training.linear_lr", "m07_training.schedules", "torch.optim.lr_scheduler"],
     "lr-finder": [],
     "early-stopping": [],
 }
 # The checker and the solutions are off limits in every exercise (importing the checks and calling a
 # `check_*` is allowed).
-COMMON = ["exercises._reference", "exercises.grade", "exercises.integrity", "exercises.checks"]
+COMMON = ["exercises.grade", "exercises.integrity", "exercises.checks"]
 ALLOWED_FROM_CHECKS = re.compile(r"exercises\.checks\.(check_\w+|ExerciseFailed)$")
 CODE_FROM_STRINGS = {"exec", "eval", "compile", "__import__", "importlib", "runpy", "imp"}
 # Modules whose attributes an answer may not reassign: the checker, the references, and what the
 # time limit and the reporting rely on (the grade never depends on them, but a patch is a clear
 # sign of an attempt to fool the check).
-NO_PATCHING = ("exercises", "training", "json", "builtins", "sys", "torch", "threading", "signal", "os")
+NO_PATCHING = ("exercises", "training", "m07_training", "json", "builtins", "sys", "torch", "threading", "signal", "os")
 PATCHING_ALLOWED = ("torch.backends", "os.environ")
-SUSPICIOUS_PATH = re.compile(r"solutions[/\\]|\.ipynb\b|_reference")
+SUSPICIOUS_PATH = re.compile(r"solutions[/\\]|\.ipynb\b")
 
 
 class Refused(BaseException):

@@ -584,3 +584,16 @@ def test_the_source_scan_names_what_it_refuses(slug, source, fragment):
 
 def test_a_docstring_that_names_a_notebook_is_not_refused():
     assert scan("lr-finder", ['def lr_finder(*args):\n    """As in 06-lr-finder.ipynb."""\n    return 1']) is None
+
+
+@pytest.mark.parametrize("slug, source", [
+    ("cross-entropy", "from m07_training.loss import cross_entropy as ce"),
+    ("adamw", "from m07_training.optimizers import AdamW as Mine"),
+    ("adamw", "import m07_training.muon as muon\nAdamW = muon.MuonWithAdamW"),
+    ("clip-grad-norm", "from m07_training import clipping\nclip = clipping.clip_grad_norm"),
+    ("cosine-schedule", "from m07_training.schedules import cosine_decay"),
+    ("linear-schedule", "from m07_training.schedules import linear_decay"),
+])
+def test_the_library_files_behind_training_are_banned_too(slug, source):
+    """training.X is a face: the file each exercise rebuilds is refused under its own name as well."""
+    assert scan(slug, [source]).startswith("refused: the answer uses `m07_training.")

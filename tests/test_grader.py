@@ -111,9 +111,9 @@ SUBMISSIONS = {
         ("04-cosine-schedule.ipynb", WRONG, None, "import json\n_dumps = json.dumps\n"
          "json.dumps = lambda value, **options: _dumps([True, '']) if isinstance(value, (tuple, list)) "
          "else _dumps(value, **options)", 0, "a change to the module `json.dumps`"),
-        ("06-lr-finder.ipynb", "from exercises._reference import lr_finder as reference\n\n"
+        ("06-lr-finder.ipynb", "from exercises.checks.lr_finder import _diverged_at as reference\n\n"
          "def lr_finder(train_step, **settings):\n    return reference(train_step, **settings)", LR_FINDER, None, 0,
-         "`exercises._reference.lr_finder`"),
+         "`exercises.checks.lr_finder._diverged_at`"),
         ("06-lr-finder-copied.ipynb", "def lr_finder(*args, **kwargs):\n    pass\n\nimport json\n\n"
          "cells = json.load(open('../../solutions/06-lr-finder.ipynb'))['cells']\n"
          "exec(''.join(cells[4]['source']))", LR_FINDER, None, 0, "solutions/06-lr-finder.ipynb"),
