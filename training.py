@@ -32,15 +32,18 @@ import argparse
 import dataclasses
 import os
 import re
+import shlex
 import signal
 import sys
+import warnings
 
 import torch.distributed as dist
 
 from m07_training.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, read_checkpoint,
                                      save_checkpoint)
 from m07_training.clipping import clip_grad_norm
-from m07_training.config import ADAMW_RECIPE, MODEL_FIELDS, TrainConfig, gpt_config
+from m07_training.config import (ADAMW_RECIPE, MODEL_FIELDS, RESUME_MAY_CHANGE, SettingConflict, TrainConfig,
+                                 cli_settings, gpt_config, resume_path)
 from m07_training.data import (VAL_FRACTION, BatchSource, CharTokenizer, Corpus, batch_seed, get_batch, load_corpus,
                                markdown_play_to_text, seeded_batches, shakespeare_plays, split_text)
 from m07_training.devices import DTYPES, autocast, has_native_bf16, pick_device, resolve_dtype, unwrap
@@ -75,20 +78,21 @@ __all__ = [
     # lesson 7
     "NS_COEFFICIENTS", "newton_schulz", "newton_schulz_dtype", "Muon", "MuonWithAdamW", "split_params_for_muon",
     # the command line
-    "main", "build_parser", "EXIT_CODES", "EXIT_DIVERGED",
+    "main", "build_parser", "cli_settings", "RESUME_MAY_CHANGE", "SettingConflict", "EXIT_CODES", "EXIT_DIVERGED",
 ]
 
 
 EXIT_DIVERGED = 3
 EXIT_CODES = f"""exit status:
   0    the run finished (max_steps, max_minutes or early stopping)
-  1    an error, named on stderr: unusable data or checkpoint, an out_dir that holds another
-       run, is in use by a live run or cannot be written (the earlier checkpoints stay)
-  2    a bad flag
+  1    an error, named on stderr: unusable data or checkpoint, a checkpoint of another model
+       or text, a finished run asked to resume, an out_dir that holds another run, is in use
+       by a live run or cannot be written (the earlier run's files stay as they were)
+  2    a bad flag, or a flag that a resumed run cannot change (the error names it)
   {EXIT_DIVERGED}    the loss or validation loss became NaN or infinite: training stopped, and best.pt
        and last.pt hold the last finite state
-  130  SIGINT (Ctrl-C) between two updates: last.pt holds the last update; rerun with
-       --resume OUT_DIR/last.pt to continue
+  130  SIGINT (Ctrl-C) between two updates: last.pt holds the last update; continue with
+       --resume OUT_DIR (every other setting comes from the checkpoint)
   143  SIGTERM: as SIGINT"""
 
 
@@ -96,52 +100,87 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Flag defaults in the help, and the exit-status table kept as written."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI's parser: one --flag per TrainConfig field, with its default, help and choices."""
+def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """The CLI's parser: one --flag per TrainConfig field, with its default, help and choices
+    (defaults=False: a parser that returns only the flags typed on the command line)."""
     parser = argparse.ArgumentParser(
         description="Train the tiny GPT on a character-level corpus, then print a sample.",
         epilog=EXIT_CODES, formatter_class=HelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        default = f.default if defaults else argparse.SUPPRESS
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=f.metadata["type"], default=f.default, choices=f.metadata["choices"],
+            parser.add_argument(flag, type=f.metadata["type"], default=default, choices=f.metadata["choices"],
                                 help=f.metadata["help"], metavar=None if f.metadata["choices"] else f.name.upper())
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python training.py [flags]`: train, print the summary and a sample; returns the exit status (EXIT_CODES)."""
+def config_from_command_line(argv: list[str] | None) -> tuple[TrainConfig, list[str]]:
+    """The TrainConfig the flags describe (cli_settings: a resumed run's settings come from its checkpoint)
+    and the notes about it. A bad flag exits with status 2 (argparse); an unusable checkpoint raises."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    parser.parse_args(argv)  # --help, unknown flags and bad values end here
+    given = vars(build_parser(defaults=False).parse_args(argv))
+    stored = None
+    if given.get("resume"):
+        given["resume"] = resume_path(given["resume"])
+        stored = read_checkpoint(given["resume"])["extra"].get("config") or {}
     try:
-        config = TrainConfig(**vars(args))
+        settings, notes = cli_settings(given, stored)
+        config = TrainConfig(**settings)
+        pick_device(config.device)
+    except SettingConflict as error:
+        parser.error(str(error))
     except (TypeError, ValueError) as error:
         name = re.search(r"TrainConfig\.(\w+)", str(error))
-        parser.error(f"--{name.group(1).replace('_', '-')}: {error}" if name else str(error))
+        flag = f"--{name.group(1).replace('_', '-')}" if name else "--device"
+        parser.error(f"{flag}: {error}")
+    return config, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python training.py [flags]`: train, print the summary and a sample; returns the exit status (EXIT_CODES)."""
     is_main = int(os.environ.get("RANK", "0")) == 0
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
+        try:
+            config, notes = config_from_command_line(argv)
+            for note in notes if is_main else []:
+                print(f"note: {note}", file=sys.stderr)
+            result = train(config)
+        except TrainingInterrupted as stop:
+            if is_main:
+                print(f"\ninterrupted by {signal.Signals(stop.signum).name} after update {stop.step}; "
+                      f"{stop.last_checkpoint} holds it. To continue, rerun the same command with "
+                      f"--resume {shlex.quote(stop.last_checkpoint)}", file=sys.stderr)
+            return 128 + stop.signum
+        except KeyboardInterrupt:
+            print(f"\ninterrupted; {interrupted_state(argv)}", file=sys.stderr)
+            return 128 + signal.SIGINT
+        except (ValueError, RuntimeError, OSError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return report(result, config) if is_main else (EXIT_DIVERGED if result.stop_reason.startswith("non-finite") else 0)
+
+
+def interrupted_state(argv: list[str] | None) -> str:
+    """What an interrupted run left: the update its out_dir's last.pt holds, if any."""
+    out_dir = vars(build_parser().parse_known_args(argv)[0])["out_dir"]
+    last = os.path.join(out_dir, "last.pt")
     try:
-        result = train(config)
-    except TrainingInterrupted as stop:
-        if is_main:
-            print(f"\ninterrupted by {signal.Signals(stop.signum).name} after update {stop.step}; "
-                  f"{stop.last_checkpoint} holds it. To continue, rerun the same command with "
-                  f"--resume {stop.last_checkpoint}", file=sys.stderr)
-        return 128 + stop.signum
-    except KeyboardInterrupt:
-        print("\ninterrupted before the first update", file=sys.stderr)
-        return 128 + signal.SIGINT
-    except (ValueError, RuntimeError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        return f"{last} holds update {read_checkpoint(last)['step']}"
+    except (CheckpointError, OSError):
+        return f"no checkpoint in {out_dir}"
+
+
+def report(result: TrainResult, config: TrainConfig) -> int:
+    """Rank 0's summary of a finished run: the result line, the doctor's diagnosis and a sample from best.pt."""
     diverged = result.stop_reason.startswith("non-finite")
-    if not is_main:
-        return EXIT_DIVERGED if diverged else 0
     if diverged:
         print(f"error: {result.stop_reason}", file=sys.stderr)
     else:
@@ -154,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + format_diagnosis(findings), file=sys.stderr if diverged else sys.stdout)
     if diverged:
         return EXIT_DIVERGED
-    if result.best_checkpoint and config.sample_chars:
+    if not result.best_checkpoint:
+        print("\nno evaluation beat a uniform guess (ln V), so there is no best.pt and no sample")
+    elif config.sample_chars:
         load_checkpoint(result.best_checkpoint, result.model)
         # a new line is the natural start of a play; a corpus without one starts from its first character
         prompt = "\n" if "\n" in result.tokenizer.stoi else result.tokenizer.chars[0]

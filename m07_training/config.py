@@ -178,3 +178,63 @@ def gpt_config(config: TrainConfig, vocab_size: int) -> GPTConfig:
     """The model that config describes, for a tokenizer of vocab_size tokens."""
     return GPTConfig(vocab_size=vocab_size, **{name: getattr(config, name) for name in MODEL_FIELDS})
 
+
+
+# What a resumed run may set differently from its checkpoint: how long it goes on, how often it
+# reports, and where and how it runs. Anything else would make it another run.
+RESUME_MAY_CHANGE = ("max_steps", "decay_steps", "max_minutes", "eval_interval", "eval_batches", "log_interval", "patience",
+                     "progress", "sample_chars", "device", "compile", "out_dir", "overwrite", "resume",
+                     "resume_on_new_data")
+NO_STEP_LIMIT = 2**31 - 1  # max_steps of a run that only its time budget ends
+
+
+class SettingConflict(ValueError):
+    """A command-line flag that cannot be honoured as given; `flag` names it."""
+
+    def __init__(self, flag: str, message: str):
+        self.flag = flag
+        super().__init__(f"--{flag.replace('_', '-')}: {message}")
+
+
+def resume_path(resume: str) -> str:
+    """A checkpoint to resume from: a run's folder means its last.pt."""
+    return os.path.join(resume, "last.pt") if resume and os.path.isdir(resume) else resume
+
+
+def cli_settings(given: dict, stored: dict | None = None) -> tuple[dict, list[str]]:
+    """The TrainConfig settings of `python training.py` and the notes to print about them.
+
+    given: the flags typed on the command line, by field name. A new run takes TrainConfig's
+    defaults for the rest, with two adjustments for what a user means: --max-minutes without
+    --max-steps trains for the whole budget, and a --max-steps shorter than ten times the default
+    warmup gets a tenth of its updates as warmup. stored: the config of the checkpoint that
+    --resume names; the resumed run takes every setting from it, and a flag that would change one
+    outside RESUME_MAY_CHANGE (--data only with --resume-on-new-data) raises SettingConflict."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    if stored is not None:
+        return _resumed_settings(given, defaults, stored)
+    settings, notes = {**defaults, **given}, []
+    if "max_minutes" in given and "max_steps" not in given:
+        settings["max_steps"] = NO_STEP_LIMIT
+    elif "max_steps" in given and "warmup_steps" not in given and settings["warmup_steps"] * 10 > settings["max_steps"]:
+        settings["warmup_steps"] = settings["max_steps"] // 10
+        notes.append(f"--max-steps {settings['max_steps']}: warmup shortened to {settings['warmup_steps']} updates "
+                     f"(a tenth of the run; --warmup-steps sets it)")
+    return settings, notes
+
+
+def _resumed_settings(given: dict, defaults: dict, stored: dict) -> tuple[dict, list[str]]:
+    base = {**defaults, **{name: value for name, value in stored.items() if name in defaults}}
+    for name, value in given.items():
+        allowed = name in RESUME_MAY_CHANGE or (name == "data" and given.get("resume_on_new_data"))
+        if value != base[name] and not allowed:
+            may_change = ", ".join("--" + other.replace("_", "-") for other in RESUME_MAY_CHANGE)
+            raise SettingConflict(name, f"the checkpoint's run has {name}={base[name]!r}, and a resumed run keeps "
+                                        f"its settings except {may_change}: start a new run to use {value!r}")
+    settings = {**base, "overwrite": False, "out_dir": os.path.dirname(given["resume"]) or ".", **given}
+    notes = []
+    if settings["max_steps"] > base["max_steps"] and not base["decay_steps"] and base["schedule"] != "constant":
+        notes.append(f"--max-steps {settings['max_steps']} extends the run from {base['max_steps']} updates: its LR "
+                     f"schedule now decays over {settings['max_steps']} (give --decay-steps {base['max_steps']} "
+                     f"to keep the old one)")
+    return settings, notes

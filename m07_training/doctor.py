@@ -68,7 +68,11 @@ def read_history(source: str | Path | list[dict] | TrainResult) -> list[dict]:
         if not path.is_file():
             raise FileNotFoundError(f"no training history at {path}")
         rows = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            lines = path.read_bytes().decode("utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path} is not UTF-8 text ({error})") from None
+        for number, line in enumerate(lines, start=1):
             if line.strip():
                 try:  # history.jsonl stores a non-finite number as null (strict JSON): back to NaN
                     rows.append({key: math.nan if value is None else value
@@ -142,8 +146,11 @@ def diagnose(history: str | Path | list[dict] | TrainResult, *, vocab_size: int 
                    np.array([row.get("lr", math.nan) for row in rows], dtype=float))
     curve = whole.finite_part()
     findings = []
+    restart = _where_to_restart(rows[:len(curve.losses)], ln_v)
     if curve is not whole:
-        findings.append(_non_finite_loss(whole, clip))
+        findings.append(_non_finite_loss(whole, clip, restart))
+    elif non_finite_val := _non_finite_val_loss(rows, clip, restart):
+        findings.append(non_finite_val)
     if len(curve.losses):
         ended_high = curve.smooth[-1] > curve.smooth.min() + SPIKE_NATS
         if ended_high and curve is whole:
@@ -197,7 +204,20 @@ def _worse_than_uniform(loss: float, ln_v: float | None) -> str:
     return f" (ln V = {ln_v:.2f}: worse than a uniform guess)" if ln_v and loss > ln_v else ""
 
 
-def _non_finite_loss(curve: _Curve, clip: str) -> Finding:
+def _where_to_restart(rows: list[dict], ln_v: float | None) -> str:
+    """Advice after a divergence: resume from best.pt only if an evaluation before it beat a uniform guess."""
+    if ln_v is None:
+        return "train() stops at a non-finite loss and keeps the last good checkpoint (best.pt): resume from it with a lower lr"
+    good = [row for row in rows if isinstance(row.get("val_loss"), (int, float)) and row["val_loss"] < ln_v]
+    if not good:
+        return ("no evaluation before it beat a uniform guess (ln V), so there is no good checkpoint: start again "
+                "with a lower lr")
+    best = min(good, key=lambda row: row["val_loss"])
+    return (f"train() stops at a non-finite loss and keeps the last good checkpoint (best.pt, update "
+            f"{best['step']:,}, val loss {best['val_loss']:.3f}): resume from it with a lower lr")
+
+
+def _non_finite_loss(curve: _Curve, clip: str, restart: str) -> Finding:
     """Divergence: a NaN/inf loss ends the trustworthy part of the run."""
     n_good, steps, losses, lrs = curve.n_finite, curve.steps, curve.losses, curve.lrs
     last_good = f"; the last finite loss was {losses[n_good - 1]:.4g} at update {steps[n_good - 1]:,}" if n_good else ""
@@ -205,9 +225,21 @@ def _non_finite_loss(curve: _Curve, clip: str) -> Finding:
     return Finding(
         "divergence", f"the loss became {losses[n_good]} at update {steps[n_good]:,}{last_good}{start}",
         f"lower the peak learning rate (by 3-10x; it was {lrs[n_good]:.3g} here), lengthen the warmup, and "
-        f"{clip}. train() stops at a non-finite loss and keeps the last "
-        f"good checkpoint (best.pt): resume from it with a lower lr",
+        f"{clip}. {restart}",
         (int(steps[max(n_good - 1, 0)]), int(steps[n_good])))
+
+
+def _non_finite_val_loss(rows: list[dict], clip: str, restart: str) -> Finding | None:
+    """Divergence seen only by an evaluation: a validation loss that is NaN or infinite."""
+    bad = next((row for row in rows if isinstance(row.get("val_loss"), (int, float))
+                and not math.isfinite(row["val_loss"])), None)
+    if bad is None:
+        return None
+    return Finding(
+        "divergence", f"the validation loss became {bad['val_loss']} at update {bad['step']:,} while the training "
+        f"loss was {bad['loss']:.4g}",
+        f"lower the peak learning rate (by 3-10x), lengthen the warmup, and {clip}. {restart}",
+        (int(bad["step"]), int(bad["step"])))
 
 
 def _rising_loss(curve: _Curve, ln_v: float | None) -> Finding:

@@ -58,7 +58,9 @@ def test_nan_loss_is_divergence_naming_the_update():
     found = training.diagnose(rows, vocab_size=V)
     assert problems(found) == ["divergence", "exploding gradients"]
     assert "inf at update 24" in found[0].evidence and "1e+04 at update 23" in found[0].evidence
-    assert "best.pt" in found[0].advice
+    assert "no good checkpoint" in found[0].advice  # no evaluation, so no best.pt
+    rows[10]["val_loss"] = 2.5  # an evaluation better than a uniform guess wrote best.pt
+    assert "best.pt, update 11, val loss 2.500" in training.diagnose(rows, vocab_size=V)[0].advice
 
 
 def test_loss_that_rises_and_never_comes_back_is_divergence():
@@ -257,3 +259,16 @@ def test_cli_prints_the_diagnosis_of_a_diverged_run(corpus_slice_file, tmp_path,
     err = capsys.readouterr().err  # a failed run reports on stderr: the error, then the diagnosis
     assert "training doctor:\n  1. divergence: the loss became" in err
 
+
+
+def test_a_null_validation_loss_is_a_divergence_not_healthy():
+    rows = history(list(learning_curve(30)))
+    rows[-1]["val_loss"] = math.nan  # history.jsonl stores it as null; read_history reads NaN
+    found = training.diagnose(rows, vocab_size=V)
+    assert problems(found)[0] == "divergence" and "validation loss became nan at update 30" in found[0].evidence
+
+
+def test_a_history_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "history.jsonl").write_bytes(b'{"step": 1, "loss": 4.0}\n\xff\xfe\n')
+    with pytest.raises(ValueError, match=r"history\.jsonl is not UTF-8 text"):
+        training.diagnose(tmp_path)
