@@ -35,7 +35,8 @@ def text_ids(tiny_gpt_config):
 # float32 tolerance: the batched windows and the direct loop compute the same numbers with different
 # matrix shapes (a 16-wide window vs a t - s wide one; causal masking makes the extra columns exact
 # zeros), so only the summation order differs: ~1e-7 relative per operation, a few 1e-7 after two
-# blocks of width 32; losses are ~ln 17 = 2.8, so 1e-5 absolute leaves a 10x margin.
+# blocks of width 32 (measured: at most 4.8e-7, 2 float32 ulps of a loss near ln 17 = 2.8);
+# 1e-5 absolute leaves a 20x margin and is still far below any real difference between windows.
 TOLERANCE = dict(rtol=0, atol=1e-5)
 
 
