@@ -12,6 +12,8 @@
     run_files.py     lesson 5   a run's out_dir: its lock, atomic writes, history.jsonl
     config.py        lesson 5   TrainConfig: every knob of a run, and a flag of the CLI
     loop.py          lesson 5   train, evaluate, update: the training loop
+    scoring.py       lesson 5   score_text, Score: a whole text scored once, with its standard error
+    ngram.py         lesson 5   KneserNey, ngram_ladder: the counting baselines a GPT must beat
     signals.py       lesson 5   stopping cleanly on Ctrl-C or SIGTERM
     sampling.py      lesson 5   sample_text
     distributed.py   lesson 6   torchrun: process groups, ranks that agree
