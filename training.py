@@ -51,10 +51,12 @@ from m07_training.doctor import Finding, diagnose, format_diagnosis, read_histor
 from m07_training.download import DEFAULT_CACHE, DOWNLOADS, download_corpus
 from m07_training.loop import TrainResult, build_optimizer, evaluate, train, update
 from m07_training.loss import cross_entropy, perplexity
+from m07_training.ngram import KneserNey, ngram_ladder, versus_ladder
 from m07_training.muon import NS_COEFFICIENTS, Muon, MuonWithAdamW, newton_schulz, newton_schulz_dtype, split_params_for_muon
 from m07_training.optimizers import SGD, AdamW
 from m07_training.run_files import RUN_FILES
 from m07_training.sampling import sample_text
+from m07_training.scoring import Score, score_text
 from m07_training.schedules import SCHEDULES, CosineScheduler, cosine_lr, linear_lr, lr_of_update
 from m07_training.signals import TrainingInterrupted
 
@@ -75,6 +77,8 @@ __all__ = [
     "save_checkpoint", "read_checkpoint", "load_checkpoint", "CheckpointError", "CHECKPOINT_FORMAT", "unwrap",
     "TrainConfig", "ADAMW_RECIPE", "MODEL_FIELDS", "gpt_config", "build_optimizer",
     "train", "update", "evaluate", "TrainResult", "TrainingInterrupted", "RUN_FILES", "sample_text",
+    # measuring honestly: the whole validation split, and the counting ladder
+    "Score", "score_text", "KneserNey", "ngram_ladder", "versus_ladder",
     # lesson 7
     "NS_COEFFICIENTS", "newton_schulz", "newton_schulz_dtype", "Muon", "MuonWithAdamW", "split_params_for_muon",
     # the command line
@@ -187,6 +191,9 @@ def report(result: TrainResult, config: TrainConfig) -> int:
         print(f"\n{result.stop_reason} after {result.step} updates | best val loss {result.best_val_loss:.4f} "
               f"(perplexity {perplexity(result.best_val_loss):.2f}) | {result.tokens_per_second:,.0f} tokens/s | "
               f"{result.optimizer_name}")
+    if result.best_checkpoint and not diverged:
+        load_checkpoint(result.best_checkpoint, result.model)
+        print(scored_against_counting(result, config))
     findings = diagnose(result.history, vocab_size=result.tokenizer.vocab_size,
                         unigram_loss=result.unigram_loss, grad_clip=config.grad_clip)
     # a failed run reports on stderr: the error, then what went wrong
@@ -196,12 +203,24 @@ def report(result: TrainResult, config: TrainConfig) -> int:
     if not result.best_checkpoint:
         print("\nno evaluation beat a uniform guess (ln V), so there is no best.pt and no sample")
     elif config.sample_chars:
-        load_checkpoint(result.best_checkpoint, result.model)
         # a new line is the natural start of a play; a corpus without one starts from its first character
         prompt = "\n" if "\n" in result.tokenizer.stoi else result.tokenizer.chars[0]
         print(f"\n--- sample from {result.best_checkpoint} ---")
         print(sample_text(result.model, result.tokenizer, config.sample_chars, prompt=prompt, seed=config.seed))
     return 0
+
+
+def scored_against_counting(result: TrainResult, config: TrainConfig) -> str:
+    """best.pt scored on the whole validation split (score_text), next to the counting ladder built from the
+    training split: the honest headline of a run (the evaluations during training sample the split)."""
+    corpus, device = result.corpus, next(result.model.parameters()).device
+    score = score_text(result.model, corpus.val_ids, context_length=config.context_length, device=device,
+                       dtype=resolve_dtype(config.dtype, device))
+    ladder = ngram_ladder(corpus.train_ids, corpus.val_ids, corpus.tokenizer.vocab_size,
+                          min_history=score.min_history)
+    return (f"best.pt on the whole validation split, every character with at least {score.min_history} characters of "
+            f"history: {score}; it {versus_ladder(score.loss, ladder)} of the Kneser-Ney n-grams counted "
+            f"from the training split")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ class TrainResult:
     tokenizer: CharTokenizer = field(repr=False)
     optimizer_name: str = ""
     unigram_loss: float = math.nan  # of the training text (letter frequencies only): the doctor's reference
+    corpus: Corpus | None = field(default=None, repr=False)  # what it trained on (the CLI scores best.pt on it)
 
 
 def train(config: TrainConfig, *, batches: BatchSource | None = None,
@@ -122,7 +123,7 @@ def train(config: TrainConfig, *, batches: BatchSource | None = None,
                        last_checkpoint=str(out.last) if out.last.exists() else None,
                        step=step, stop_reason=stop_reason, tokens_per_second=meter.tokens_per_second,
                        model=trainee.model, tokenizer=corpus.tokenizer, optimizer_name=trainee.optimizer_name,
-                       unigram_loss=unigram_loss(corpus.train_ids))
+                       unigram_loss=unigram_loss(corpus.train_ids), corpus=corpus)
 
 
 def update(trainee: Trainee, batches: BatchSource, step: int, lr: float, config: TrainConfig,

@@ -184,3 +184,25 @@ def ngram_ladder(train_ids: torch.Tensor | np.ndarray, val_ids: torch.Tensor | n
     order - 1 so each has a full history, and the same as score_text's to compare with a GPT."""
     return {order: KneserNey.fit(train_ids, order, vocab_size, discount).score(val_ids, min_history=min_history)
             for order in orders}
+
+
+RUNG_NAMES = {1: "unigram", 2: "bigram", 3: "trigram"}
+
+
+def rung_name(order: int) -> str:
+    return RUNG_NAMES.get(order, f"{order}-gram")
+
+
+def versus_ladder(loss: float, ladder: dict[int, Score]) -> str:
+    """Where a loss stands on the counting ladder: the highest order it beats and the next one up."""
+    beaten = [order for order, score in sorted(ladder.items()) if loss < score.loss]
+    if not beaten:
+        return f"beats no counting model (the {rung_name(min(ladder))} scores {ladder[min(ladder)].loss:.3f})"
+    best = max(beaten)
+    above = [order for order in ladder if order > best and ladder[order].loss <= loss]
+    text = f"beats the {rung_name(best)} ({ladder[best].loss:.3f})"
+    if above:
+        text += f", not the {rung_name(min(above))} ({ladder[min(above)].loss:.3f})"
+    elif best == max(ladder):
+        text += ", the highest rung counted"
+    return text
