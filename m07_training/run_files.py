@@ -112,10 +112,10 @@ class OutDir:
                                  f"choose another --out-dir")
             if resumes_here:
                 atomic_write_text(self.history, history_up_to(self.history, start_step))
-            else:
+            else:  # the history first: if it cannot be written, the earlier checkpoints stay
+                atomic_write_text(self.history, "")
                 self.best.unlink(missing_ok=True)
                 self.last.unlink(missing_ok=True)
-                atomic_write_text(self.history, "")
         except OSError as error:
             self.release()
             where = f" ({error.filename})" if error.filename else ""
