@@ -13,7 +13,8 @@
     config.py        lesson 5   TrainConfig: every knob of a run, and a flag of the CLI
     loop.py          lesson 5   train, evaluate, update: the training loop
     signals.py       lesson 5   stopping cleanly on Ctrl-C or SIGTERM
-    sampling.py      lesson 5   sample_text
+    sampling.py      lesson 5   sample_text, sample_from_checkpoint, the m07-sample command
+    plot.py          lesson 5   plot_run: a run's curves and the doctor's findings, the m07-plot command
     distributed.py   lesson 6   torchrun: process groups, ranks that agree
     muon.py          lesson 7   newton_schulz, Muon, MuonWithAdamW
 
