@@ -40,8 +40,10 @@ def run_facts(source) -> dict:
     """What diagnose() can use beyond the history: the alphabet's size (and, from a TrainResult, the
     unigram loss; from an out_dir's checkpoint, the clipping norm). {} where nothing is known."""
     if getattr(source, "tokenizer", None) is not None:  # a TrainResult
-        unigram = getattr(source, "unigram_loss", math.nan)
-        return {"vocab_size": source.tokenizer.vocab_size, **({"unigram_loss": unigram} if math.isfinite(unigram) else {})}
+        facts = {"vocab_size": source.tokenizer.vocab_size}
+        if math.isfinite(getattr(source, "unigram_loss", math.nan)):
+            facts["unigram_loss"] = source.unigram_loss
+        return facts
     if not isinstance(source, (str, Path)):
         return {}
     folder = Path(source) if Path(source).is_dir() else Path(source).parent
