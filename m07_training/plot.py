@@ -81,11 +81,12 @@ def draw_losses(ax, rows: list[dict], facts: dict) -> None:
     if len(bad):
         ax.plot([steps[bad[0]]], [1.0], "x", color="tab:red", ms=10, mew=2.5, clip_on=False,
                 transform=ax.get_xaxis_transform(), label=f"non-finite loss at update {steps[bad[0]]:,}")
-    for key, marker, color, name in (("train_loss", "s", "tab:green", "train"), ("val_loss", "o", "black", "val")):
+    # val as open circles around train's small squares: both show where the two losses agree
+    for key, style, name in (("train_loss", dict(marker="s", ms=4, color="tab:green"), "train"),
+                             ("val_loss", dict(marker="o", ms=8, mew=1.5, mfc="none", color="black"), "val")):
         eval_steps, values = column(rows, key)
         if len(values):
-            ax.plot(eval_steps, values, marker=marker, ls="--", lw=1, ms=5, color=color,
-                    label=f"{name} loss at evaluations")
+            ax.plot(eval_steps, values, ls="--", lw=1, label=f"{name} loss at evaluations", zorder=3, **style)
     if "unigram_loss" in facts:
         ax.axhline(facts["unigram_loss"], color="0.5", ls=":", lw=1.2,
                    label=f"unigram loss {facts['unigram_loss']:.2f} (letter frequencies)")
@@ -161,7 +162,8 @@ def plot_run(source: TrainResult | list[dict] | str | Path, path: str | Path | N
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
     norm_ax.set_xlabel("update")
-    norm_ax.set_xlim(first - 0.5, last + 0.5)
+    pad = max(0.5, 0.01 * (last - first))  # room for the markers of the first and last evaluations
+    norm_ax.set_xlim(first - pad, last + pad)
     name = str(source) if isinstance(source, (str, Path)) else "the run"
     verdict = ", ".join(dict.fromkeys(f.problem for f in findings))
     fig.suptitle(f"{name}: {len(rows):,} update{'s' if len(rows) > 1 else ''}; training doctor: {verdict}", fontsize=11)
