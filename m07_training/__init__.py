@@ -15,7 +15,8 @@
     scoring.py       lesson 5   score_text, Score: a whole text scored once, with its standard error
     ngram.py         lesson 5   KneserNey, ngram_ladder: the counting baselines a GPT must beat
     signals.py       lesson 5   stopping cleanly on Ctrl-C or SIGTERM
-    sampling.py      lesson 5   sample_text
+    sampling.py      lesson 5   sample_text, sample_from_checkpoint, the m07-sample command
+    plot.py          lesson 5   plot_run: a run's curves and the doctor's findings, the m07-plot command
     distributed.py   lesson 6   torchrun: process groups, ranks that agree
     muon.py          lesson 7   newton_schulz, Muon, MuonWithAdamW
 
