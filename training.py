@@ -55,7 +55,8 @@ from m07_training.ngram import KneserNey, ngram_ladder, versus_ladder
 from m07_training.muon import NS_COEFFICIENTS, Muon, MuonWithAdamW, newton_schulz, newton_schulz_dtype, split_params_for_muon
 from m07_training.optimizers import SGD, AdamW
 from m07_training.run_files import RUN_FILES
-from m07_training.sampling import sample_text
+from m07_training.plot import plot_run
+from m07_training.sampling import sample_from_checkpoint, sample_text
 from m07_training.scoring import Score, score_text
 from m07_training.schedules import SCHEDULES, CosineScheduler, cosine_lr, linear_lr, lr_of_update
 from m07_training.signals import TrainingInterrupted
@@ -77,6 +78,7 @@ __all__ = [
     "save_checkpoint", "read_checkpoint", "load_checkpoint", "CheckpointError", "CHECKPOINT_FORMAT", "unwrap",
     "TrainConfig", "ADAMW_RECIPE", "MODEL_FIELDS", "gpt_config", "build_optimizer",
     "train", "update", "evaluate", "TrainResult", "TrainingInterrupted", "RUN_FILES", "sample_text",
+    "sample_from_checkpoint", "plot_run",
     # measuring honestly: the whole validation split, and the counting ladder
     "Score", "score_text", "KneserNey", "ngram_ladder", "versus_ladder",
     # lesson 7

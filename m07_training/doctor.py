@@ -101,8 +101,8 @@ def unigram_loss(ids: torch.Tensor | np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def _trailing_mean(values: np.ndarray, window: int) -> np.ndarray:
-    """Mean of up to `window` values ending at each position."""
+def trailing_mean(values: np.ndarray, window: int = SMOOTH_UPDATES) -> np.ndarray:
+    """Mean of up to `window` values ending at each position: the smoothed loss the doctor reads."""
     sums = np.cumsum(np.insert(values, 0, 0.0))
     ends = np.arange(1, len(values) + 1)
     counts = np.minimum(ends, window)
@@ -181,7 +181,7 @@ class _Curve:
     smooth: np.ndarray = field(init=False)
 
     def __post_init__(self):
-        self.smooth = _trailing_mean(self.losses, SMOOTH_UPDATES)
+        self.smooth = trailing_mean(self.losses, SMOOTH_UPDATES)
 
     @property
     def n_finite(self) -> int:
@@ -374,7 +374,7 @@ def _gradient_norms(rows: list[dict], clip: str, low_loss: bool) -> Finding | No
     norm_steps = np.array([s for s, _ in norm_rows])
     norms = np.array([n for _, n in norm_rows])
     finite = np.isfinite(norms)
-    smooth_norms = _trailing_mean(np.where(finite, norms, 0.0), SMOOTH_UPDATES)
+    smooth_norms = trailing_mean(np.where(finite, norms, 0.0), SMOOTH_UPDATES)
     lowest = np.minimum.accumulate(np.concatenate(([math.inf], smooth_norms[:-1])))
     exploded = ~finite | (smooth_norms > GRAD_EXPLODE_RATIO * lowest)  # one outlier batch is not enough
     if exploded.any():

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
 from .checkpoint import read_checkpoint
-from .doctor import SMOOTH_UPDATES, Finding, diagnose, read_history
+from .doctor import SMOOTH_UPDATES, Finding, diagnose, read_history, trailing_mean
 from .sampling import find_checkpoint
 
 if TYPE_CHECKING:
@@ -28,12 +28,6 @@ class PlainLogFormatter(LogFormatter):
 
     def __call__(self, x, pos=None):
         return f"{x:g}" if super().__call__(x, pos) else ""
-
-
-def trailing_mean(values: np.ndarray, window: int = SMOOTH_UPDATES) -> np.ndarray:
-    """Mean of up to `window` values ending at each position: the smoothed loss the doctor reads."""
-    sums = np.convolve(values, np.ones(window))[:len(values)]
-    return sums / np.minimum(np.arange(1, len(values) + 1), window)
 
 
 def run_facts(source) -> dict:
