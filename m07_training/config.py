@@ -233,7 +233,7 @@ def _resumed_settings(given: dict, defaults: dict, stored: dict) -> tuple[dict, 
                                         f"its settings except {may_change}: start a new run to use {value!r}")
     settings = {**base, "overwrite": False, "out_dir": os.path.dirname(given["resume"]) or ".", **given}
     notes = []
-    if settings["max_steps"] > base["max_steps"] and not base["decay_steps"] and base["schedule"] != "constant":
+    if settings["max_steps"] > base["max_steps"] and not settings["decay_steps"] and base["schedule"] != "constant":
         notes.append(f"--max-steps {settings['max_steps']} extends the run from {base['max_steps']} updates: its LR "
                      f"schedule now decays over {settings['max_steps']} (give --decay-steps {base['max_steps']} "
                      f"to keep the old one)")
