@@ -23,7 +23,7 @@ m07_training/, the production twin of one lesson; import them from here:
 Run it:
     python training.py                     # tiny GPT on Shakespeare's plays, then a sample
     python training.py --help              # every TrainConfig field is a flag
-    python training.py --max-minutes 5 --max-steps 1000000   # the best model in 5 minutes
+    python training.py --max-minutes 5     # the best model in 5 minutes (the budget alone ends it)
     torchrun --nproc_per_node=2 training.py --grad-accum-steps 1   # data parallel
 """
 from __future__ import annotations
