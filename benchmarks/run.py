@@ -41,6 +41,9 @@ from course.plots import plot_val_against_seconds  # noqa: E402
 from m06_transformer import GPT, GPTConfig, create_gpt_tiny  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+# Seconds each section took in the last full run on a quiet 2-core CPU: the progress lines' estimates.
+FULL_RUN_SECONDS = {"overhead": 18, "optimizer": 1, "muon": 31, "speedups": 22, "scaling": 39, "ddp": 18,
+                    "quality": 184, "depth": 663, "nanogpt": 42, "gpu": 0, "speedrun": 1066}
 # The two recipes of the speedrun section, named by what they are (not by when they were the default).
 ADAMW_LABEL, DEFAULT_LABEL = "ADAMW_RECIPE (lessons 1-6)", "TrainConfig() (python training.py)"
 # Sizes per mode. "model" is the GPT of the timed runs (training.MODEL_FIELDS): in full mode TrainConfig's
@@ -733,8 +736,9 @@ def main(argv=None):
                  ("speedrun", "7. Speedrun: the default recipe against ADAMW_RECIPE (lessons 1-6)",
                   lambda: speedrun(mode, workdir))]
         results = {}
-        for key, title, run in steps:
-            print(f"== {title} ...", flush=True)
+        for number, (key, title, run) in enumerate(steps, start=1):
+            expected = f" (about {FULL_RUN_SECONDS[key] / 60:.1f} min on a quiet 2-core CPU)" if mode_name == "full" else ""
+            print(f"== [{number}/{len(steps)}] {title}{expected} ...", flush=True)
             section_start = time.perf_counter()
             text, *values = run()
             results[key] = values

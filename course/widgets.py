@@ -53,11 +53,11 @@ def lr_schedule_explorer(*, max_lr=1e-3, min_lr=1e-5, warmup_steps=100, total_st
     if not 0 <= warmup_steps <= total_steps:
         raise ValueError(f"need 0 <= warmup_steps <= total_steps, got {warmup_steps} and {total_steps}")
 
-    style = {"description_width": "9em"}
-    layout = widgets.Layout(width="32em")
+    style = {"description_width": "11em"}  # wide enough for "decay after warmup", the longest label
+    layout = widgets.Layout(width="34em")
     controls = {
         "kind": widgets.Dropdown(options=list(SCHEDULES), value=kind, description="decay after warmup",
-                                 style=style),
+                                 style=style, layout=widgets.Layout(width="20em")),
         "max_lr": widgets.FloatLogSlider(value=max_lr, base=10, min=-5, max=-1, step=0.1, readout_format=".1e",
                                          description="max LR", style=style, layout=layout),
         "min_lr": widgets.FloatLogSlider(value=min_lr, base=10, min=-7, max=-1, step=0.1, readout_format=".1e",

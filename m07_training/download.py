@@ -9,6 +9,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from .run_files import atomic_file
 
 # Named corpora fetched over the network: (URL, SHA-256 of the file).
@@ -32,13 +34,15 @@ def sha256_of_file(path: Path) -> str:
 
 
 def download_corpus(url: str, sha256: str, cache_dir: str | Path | None = None, *,
-                    filename: str | None = None, timeout: float = 30.0, deadline: float = 600.0) -> Path:
+                    filename: str | None = None, timeout: float = 30.0, deadline: float = 600.0,
+                    progress: bool = True) -> Path:
     """Fetch a file once into cache_dir, check its SHA-256, and return its path.
 
     A cached file with the right hash is reused without touching the network; a download
     whose hash is wrong is discarded (never cached); being offline gives a clear error.
     `timeout` bounds each wait for the server (seconds without a byte), `deadline` the whole
-    download, so that a server that trickles bytes cannot hold the caller forever.
+    download, so that a server that trickles bytes cannot hold the caller forever. `progress`
+    shows the bytes received and the rate on stderr (tqdm).
     """
     if not re.fullmatch(r"[0-9a-f]{64}", sha256 or ""):
         raise ValueError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
@@ -46,22 +50,25 @@ def download_corpus(url: str, sha256: str, cache_dir: str | Path | None = None, 
     target = cache / (filename or Path(urllib.request.urlparse(url).path).name or "download")
     if target.is_file() and sha256_of_file(target) == sha256:
         return target
-    with atomic_file(target, suffix=".part") as f:
+    with atomic_file(target, suffix=".part") as f, \
+            tqdm(desc=f"downloading {target.name}", unit="B", unit_scale=True, disable=not progress) as bar:
         digest = hashlib.sha256()
-        for chunk in _chunks(url, target, timeout, deadline):
+        for chunk in _chunks(url, target, timeout, deadline, bar):
             f.write(chunk)
             digest.update(chunk)
+            bar.update(len(chunk))
         if digest.hexdigest() != sha256:  # raised inside the block: the partial file is deleted
             raise ValueError(f"SHA-256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}; "
                              f"the file was not kept")
     return target
 
 
-def _chunks(url: str, target: Path, timeout: float, deadline: float):
-    """The bytes of url as they arrive, or DownloadFailed with what to do instead."""
+def _chunks(url: str, target: Path, timeout: float, deadline: float, bar):
+    """The bytes of url as they arrive (the bar learns their total), or DownloadFailed with what to do instead."""
     give_up = time.monotonic() + deadline
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
+            bar.total = int(response.headers.get("Content-Length") or 0) or None
             while chunk := response.read1(1 << 20):
                 yield chunk
                 if time.monotonic() > give_up:
