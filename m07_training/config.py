@@ -181,8 +181,9 @@ def gpt_config(config: TrainConfig, vocab_size: int) -> GPTConfig:
 
 
 # What a resumed run may set differently from its checkpoint: how long it goes on, how often it
-# reports, and where and how it runs. Anything else would make it another run.
-RESUME_MAY_CHANGE = ("max_steps", "decay_steps", "max_minutes", "eval_interval", "eval_batches", "log_interval", "patience",
+# reports, and where and how it runs (grad_accum_steps goes with the number of torchrun processes:
+# processes x accumulation keeps the global batch). Anything else would make it another run.
+RESUME_MAY_CHANGE = ("max_steps", "decay_steps", "max_minutes", "grad_accum_steps", "eval_interval", "eval_batches", "log_interval", "patience",
                      "progress", "sample_chars", "device", "compile", "out_dir", "overwrite", "resume",
                      "resume_on_new_data")
 NO_STEP_LIMIT = 2**31 - 1  # max_steps of a run that only its time budget ends
