@@ -13,6 +13,7 @@ import json
 import math
 import random
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -378,3 +379,21 @@ def test_a_download_from_a_server_that_trickles_ends_at_its_deadline(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.slow
+def test_a_double_ctrl_c_says_which_update_last_pt_holds(data, tmp_path):
+    from test_faults import start, wait_for
+    out_dir = tmp_path / "out"
+    run = start(data, out_dir, "--max-steps", "100000", "--eval-interval", "20", "--grad-accum-steps", "64")
+    try:
+        wait_for(lambda: (out_dir / "last.pt").is_file(), run)
+        run.send_signal(signal.SIGINT)
+        run.send_signal(signal.SIGINT)  # the second one lands inside the update: the default handler ends it
+        _, err = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    assert run.returncode == 130 and "Traceback" not in err, err
+    step = training.read_checkpoint(out_dir / "last.pt")["step"]
+    assert f"last.pt holds update {step}" in err or f"after update {step}" in err, err
+    assert "before the first update" not in err
