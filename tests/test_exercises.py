@@ -362,6 +362,22 @@ MUTANTS = {
          "one below the previous evaluation but above the best does not reset the count"),
         ("an invented min_delta=0.01", edit(("val_loss < best_val_loss", "val_loss < best_val_loss - 0.01")),
          "however small"),
+        ("stops training at the last multiple of eval_every",
+         edit(("range(1, max_steps + 1)", "range(1, max_steps // eval_every * eval_every + 1)")),
+         r"train for all max_steps=47 steps: after the last evaluation \(step 40\) the remaining 7 steps"),
+        ("an extra evaluation at max_steps",
+         edit(("if step % eval_every != 0:", "if step % eval_every != 0 and step != max_steps:")),
+         r"you evaluated at step max_steps=47 as well"),
+        ("best val loss started at a finite constant", edit(("0, math.inf, None", "0, 5.0, None")),
+         r"start the best val loss at math.inf"),
+        ("best val loss started at a large finite constant", edit(("0, math.inf, None", "0, 10.0, None")),
+         r"start the best val loss at math.inf"),
+        # uses `<` as asked: the message must not tell it to (it did not use `<=`)
+        ("an equal loss neither improves nor counts",
+         edit(("        else:\n            evals_without_improvement += 1\n",
+               "        elif val_loss == best_val_loss:\n            pass\n"
+               "        else:\n            evals_without_improvement += 1\n")),
+         r"^(?!.*`<=`).*counts as an evaluation without improvement"),
     ],
 }
 
