@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import linecache
 import math
 import re
 import textwrap
@@ -47,8 +48,12 @@ def load(slug, answer=None, folder="solutions"):
     """The candidate defined by the notebook's cells, with `answer` replacing the answer cell if given."""
     setup, notebook_answer = notebook_cells(folder, slug)
     namespace = {}
-    for source in setup + [notebook_answer if answer is None else answer]:
-        exec(compile(source, f"<{slug}>", "exec"), namespace)
+    sources = setup + [notebook_answer if answer is None else answer]
+    for index, source in enumerate(sources):
+        # the answer cell as `<slug>`; each cell's lines known to linecache, as a kernel knows a cell's
+        name = f"<{slug}>" if index == len(sources) - 1 else f"<{slug} cell {index}>"
+        linecache.cache[name] = (len(source), None, source.splitlines(True), name)
+        exec(compile(source, name, "exec"), namespace)
     return namespace[EXERCISE[slug].candidate]
 
 
@@ -258,6 +263,18 @@ MUTANTS = {
          "wrong clipped gradient"),
         ("no eps in the scale", edit(("max_norm / (norm + 1e-6)", "max_norm / norm")), "with the 1e-6"),
         ("inverted condition", edit(("if norm > max_norm:", "if norm < max_norm:")), "the condition is inverted"),
+        ("rebinds p.grad to a new tensor",
+         edit(("    grads = [p.grad for p in parameters if p.grad is not None]",
+               "    params = [p for p in parameters if p.grad is not None]\n    grads = [p.grad for p in params]"),
+              ("        for g in grads:\n            g.mul_(scale)",
+               "        for p in params:\n            p.grad = p.grad * scale")),
+         r"the values are right but parameter 0's .grad is a new tensor.*Clip in place, p.grad.mul_\(scale\)"),
+        # skips grad-less parameters; its None is its own: the message must not tell it to skip them
+        ("a None accumulator of its own",
+         edit(("    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))",
+               "    total = None\n    for g in grads:\n        total = total + (g ** 2).sum()\n"
+               "    norm = torch.sqrt(total)")),
+         r"^(?!.*skip parameters).*raised TypeError.*NoneType.*at line"),
     ],
     "cosine-schedule": [
         *SCHEDULE_MUTANTS,
