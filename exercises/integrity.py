@@ -233,6 +233,14 @@ def _codes_of(value):
     return {code} if code is not None else set()
 
 
+def _defined_for(builtin, module):
+    """Whether a builtin function in `module`'s namespace is the module's own (its C implementation, as
+    torch.special's in torch._C._special) rather than one it imported from elsewhere (bisect_right in
+    torch.optim.lr_scheduler): only its own are banned with it."""
+    home = getattr(builtin, "__module__", None) or ""
+    return home == module.__name__ or home.startswith((module.__name__ + ".", "torch._C._"))
+
+
 class CallGuard:
     """sys.setprofile hook that raises Refused when a banned function is called."""
 
@@ -249,7 +257,7 @@ class CallGuard:
                 if getattr(value, "__file__", None) and not value.__file__.endswith("__init__.py"):
                     self.files[os.path.realpath(value.__file__)] = name
                 self.builtins.update({id(v): f"{name}.{k}" for k, v in vars(value).items()
-                                      if isinstance(v, types.BuiltinFunctionType)})
+                                      if isinstance(v, types.BuiltinFunctionType) and _defined_for(v, value)})
             elif isinstance(value, types.BuiltinFunctionType):
                 self.builtins[id(value)] = name
             elif value is not None:
