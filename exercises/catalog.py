@@ -30,6 +30,8 @@ EXERCISES = (
     Exercise(6, "lr-finder", "Learning-rate range finder", "lr_finder", "check_lr_finder"),
     Exercise(7, "early-stopping", "Validation and early stopping", "train_with_early_stopping",
              "check_early_stopping"),
+    Exercise(8, "label-smoothing", "Cross-entropy with padding and label smoothing", "smoothed_cross_entropy",
+             "check_label_smoothing"),
 )
 
 BY_SLUG = {exercise.slug: exercise for exercise in EXERCISES}

@@ -405,6 +405,34 @@ MUTANTS = {
                "        else:\n            evals_without_improvement += 1\n")),
          r"^(?!.*`<=`).*counts as an evaluation without improvement"),
     ],
+    "label-smoothing": [
+        ("eps spread over the V - 1 other tokens",
+         edit(("uniform = -log_p.mean(dim=-1)", "uniform = (-log_p.sum(dim=-1) - nll) / (log_p.shape[-1] - 1)")),
+         "Yours spreads it over the V - 1 other tokens"),
+        ("divided by every position, padding included",
+         edit(("label_smoothing * uniform).mean()", "label_smoothing * uniform).sum() / len(keep)")),
+         "divide the sum by the number of targets != ignore_index"),
+        ("ignore_index hard-coded to -100", edit(("keep = targets != ignore_index", "keep = targets != -100")),
+         "use the ignore_index argument"),
+        ("smoothing weights swapped", edit(("(1 - label_smoothing) * nll + label_smoothing * uniform",
+                                            "label_smoothing * nll + (1 - label_smoothing) * uniform")),
+         "the weights are swapped"),
+        ("target term not scaled by 1 - eps", edit(("(1 - label_smoothing) * nll", "nll")), "yours weighs it 1"),
+        ("uniform term subtracted", edit(("+ label_smoothing * uniform", "- label_smoothing * uniform")),
+         "yours subtracts it"),
+        ("padded positions not dropped", edit(("z, t = logits[keep], targets[keep]", "z, t = logits, targets")),
+         r"drop those positions \(keep = targets != ignore_index\)"),
+        ("log of softmax", edit(("log_p = z - (m + (z - m).exp().sum(dim=-1, keepdim=True).log())",
+                                 "log_p = z.softmax(dim=-1).log()")), r"never log\(softmax\(z\)\)"),
+        ("returns a float", edit((".mean()", ".mean().item()")), "return a torch.Tensor"),
+        ("sums instead of averaging", edit(("label_smoothing * uniform).mean()", "label_smoothing * uniform).sum()")),
+         "not the sum"),
+        ("calls F.cross_entropy", edit(("    logits, targets = logits.reshape",
+                                        "    return torch.nn.functional.cross_entropy(logits.reshape(-1, "
+                                        "logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index, "
+                                        "label_smoothing=label_smoothing)\n    logits, targets = logits.reshape")),
+         "refused: your code called `torch.nn.functional.cross_entropy`"),
+    ],
 }
 
 MUTANT_CASES = [pytest.param(slug, edits, message, id=f"{slug}: {name}")
