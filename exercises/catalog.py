@@ -32,6 +32,8 @@ EXERCISES = (
              "check_early_stopping"),
     Exercise(8, "label-smoothing", "Cross-entropy with padding and label smoothing", "smoothed_cross_entropy",
              "check_label_smoothing"),
+    Exercise(9, "grad-accumulation", "Gradient accumulation over unequal micro-batches", "accumulate_gradients",
+             "check_grad_accumulation"),
 )
 
 BY_SLUG = {exercise.slug: exercise for exercise in EXERCISES}
