@@ -34,6 +34,7 @@ EXERCISES = (
              "check_label_smoothing"),
     Exercise(9, "grad-accumulation", "Gradient accumulation over unequal micro-batches", "accumulate_gradients",
              "check_grad_accumulation"),
+    Exercise(10, "loss-scaler", "A dynamic loss scaler", "LossScaler", "check_loss_scaler"),
 )
 
 BY_SLUG = {exercise.slug: exercise for exercise in EXERCISES}

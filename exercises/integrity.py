@@ -45,6 +45,9 @@ BANNED = {
                         "torch.nn.CrossEntropyLoss", "torch.nn.NLLLoss", "training.cross_entropy",
                         "m07_training.loss"],
     "grad-accumulation": ["training.train", "m07_training.loop"],
+    "loss-scaler": ["torch.amp.GradScaler", "torch.amp.grad_scaler", "torch.cuda.amp.GradScaler",
+                    "torch.cpu.amp.GradScaler", "torch._amp_foreach_non_finite_check_and_unscale_",
+                    "torch._amp_update_scale_"],
 }
 # The checker and the solutions are off limits in every exercise (importing the checks and calling a
 # `check_*` is allowed).
