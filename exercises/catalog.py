@@ -35,6 +35,7 @@ EXERCISES = (
     Exercise(9, "grad-accumulation", "Gradient accumulation over unequal micro-batches", "accumulate_gradients",
              "check_grad_accumulation"),
     Exercise(10, "loss-scaler", "A dynamic loss scaler", "LossScaler", "check_loss_scaler"),
+    Exercise(11, "resume", "Save and resume, bit for bit", "Checkpoint", "check_resume"),
 )
 
 BY_SLUG = {exercise.slug: exercise for exercise in EXERCISES}

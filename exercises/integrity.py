@@ -48,6 +48,8 @@ BANNED = {
     "loss-scaler": ["torch.amp.GradScaler", "torch.amp.grad_scaler", "torch.cuda.amp.GradScaler",
                     "torch.cpu.amp.GradScaler", "torch._amp_foreach_non_finite_check_and_unscale_",
                     "torch._amp_update_scale_"],
+    "resume": ["training.save_checkpoint", "training.load_checkpoint", "training.read_checkpoint",
+               "m07_training.checkpoint"],
 }
 # The checker and the solutions are off limits in every exercise (importing the checks and calling a
 # `check_*` is allowed).

@@ -502,6 +502,37 @@ MUTANTS = {
                                              "        torch.amp.GradScaler('cpu')\n")),
          "refused: your code called `torch.amp.GradScaler"),
     ],
+    "resume": [
+        ("optimizer state not restored",
+         edit(("        optimizer.load_state_dict(checkpoint[\"optimizer\"])  # AdamW's m, v, step counts and the "
+               "groups' lr\n", "")),
+         r"does not restore the optimizer's state \(optimizer.state_dict\(\)"),
+        ("scheduler not restored", edit(("        scheduler.load_state_dict(checkpoint[\"scheduler\"])\n", "")),
+         r"does not restore the LR scheduler's position"),
+        ("data generator not restored", edit(("        generator.set_state(checkpoint[\"generator\"])\n", "")),
+         r"does not restore the data generator's state"),
+        ("global RNG not restored (dropout masks differ)",
+         edit(("        torch.set_rng_state(checkpoint[\"torch_rng\"])\n", "")),
+         r"does not restore the global torch RNG state"),
+        ("weights not restored", edit(("        model.load_state_dict(checkpoint[\"model\"])\n", "")),
+         r"does not restore the model's weights"),
+        ("only the model and the optimizer",
+         edit(("        scheduler.load_state_dict(checkpoint[\"scheduler\"])\n", ""),
+              ("        generator.set_state(checkpoint[\"generator\"])\n", ""),
+              ("        torch.set_rng_state(checkpoint[\"torch_rng\"])\n", "")),
+         r"does not restore the LR scheduler's position.*; the data generator's state.*; the global torch RNG"),
+        ("the RNG reseeded with the step instead of restored",
+         edit(("        torch.set_rng_state(checkpoint[\"torch_rng\"])\n",
+               "        torch.manual_seed(checkpoint[\"step\"])\n")),
+         r"does not restore the global torch RNG state"),
+        ("returns the next step", edit(("        return checkpoint[\"step\"]", "        return checkpoint[\"step\"] + 1")),
+         r"load must return the step saved \(3"),
+        ("calls training.load_checkpoint",
+         edit(("        checkpoint = torch.load(path, weights_only=True)\n",
+               "        checkpoint = torch.load(path, weights_only=True)\n"
+               "        __import__('training').load_checkpoint(path, model)\n")),
+         r"refused: your code called `training.load_checkpoint|raised"),
+    ],
 }
 
 MUTANT_CASES = [pytest.param(slug, edits, message, id=f"{slug}: {name}")
