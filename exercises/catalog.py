@@ -30,6 +30,12 @@ EXERCISES = (
     Exercise(6, "lr-finder", "Learning-rate range finder", "lr_finder", "check_lr_finder"),
     Exercise(7, "early-stopping", "Validation and early stopping", "train_with_early_stopping",
              "check_early_stopping"),
+    Exercise(8, "label-smoothing", "Cross-entropy with padding and label smoothing", "smoothed_cross_entropy",
+             "check_label_smoothing"),
+    Exercise(9, "grad-accumulation", "Gradient accumulation over unequal micro-batches", "accumulate_gradients",
+             "check_grad_accumulation"),
+    Exercise(10, "loss-scaler", "A dynamic loss scaler", "LossScaler", "check_loss_scaler"),
+    Exercise(11, "resume", "Save and resume, bit for bit", "Checkpoint", "check_resume"),
 )
 
 BY_SLUG = {exercise.slug: exercise for exercise in EXERCISES}

@@ -41,6 +41,15 @@ BANNED = {
     "linear-schedule": ["training.linear_lr", "m07_training.schedules", "torch.optim.lr_scheduler"],
     "lr-finder": [],
     "early-stopping": [],
+    "label-smoothing": ["torch.nn.functional.cross_entropy", "torch.nn.functional.nll_loss",
+                        "torch.nn.CrossEntropyLoss", "torch.nn.NLLLoss", "training.cross_entropy",
+                        "m07_training.loss"],
+    "grad-accumulation": ["training.train", "m07_training.loop"],
+    "loss-scaler": ["torch.amp.GradScaler", "torch.amp.grad_scaler", "torch.cuda.amp.GradScaler",
+                    "torch.cpu.amp.GradScaler", "torch._amp_foreach_non_finite_check_and_unscale_",
+                    "torch._amp_update_scale_"],
+    "resume": ["training.save_checkpoint", "training.load_checkpoint", "training.read_checkpoint",
+               "m07_training.checkpoint"],
 }
 # The checker and the solutions are off limits in every exercise (importing the checks and calling a
 # `check_*` is allowed).
@@ -233,6 +242,14 @@ def _codes_of(value):
     return {code} if code is not None else set()
 
 
+def _defined_for(builtin, module):
+    """Whether a builtin function in `module`'s namespace is the module's own (its C implementation, as
+    torch.special's in torch._C._special) rather than one it imported from elsewhere (bisect_right in
+    torch.optim.lr_scheduler): only its own are banned with it."""
+    home = getattr(builtin, "__module__", None) or ""
+    return home == module.__name__ or home.startswith((module.__name__ + ".", "torch._C._"))
+
+
 class CallGuard:
     """sys.setprofile hook that raises Refused when a banned function is called."""
 
@@ -249,7 +266,7 @@ class CallGuard:
                 if getattr(value, "__file__", None) and not value.__file__.endswith("__init__.py"):
                     self.files[os.path.realpath(value.__file__)] = name
                 self.builtins.update({id(v): f"{name}.{k}" for k, v in vars(value).items()
-                                      if isinstance(v, types.BuiltinFunctionType)})
+                                      if isinstance(v, types.BuiltinFunctionType) and _defined_for(v, value)})
             elif isinstance(value, types.BuiltinFunctionType):
                 self.builtins[id(value)] = name
             elif value is not None:

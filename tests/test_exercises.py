@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import linecache
 import math
 import re
 import textwrap
@@ -47,8 +48,12 @@ def load(slug, answer=None, folder="solutions"):
     """The candidate defined by the notebook's cells, with `answer` replacing the answer cell if given."""
     setup, notebook_answer = notebook_cells(folder, slug)
     namespace = {}
-    for source in setup + [notebook_answer if answer is None else answer]:
-        exec(compile(source, f"<{slug}>", "exec"), namespace)
+    sources = setup + [notebook_answer if answer is None else answer]
+    for index, source in enumerate(sources):
+        # the answer cell as `<slug>`; each cell's lines known to linecache, as a kernel knows a cell's
+        name = f"<{slug}>" if index == len(sources) - 1 else f"<{slug} cell {index}>"
+        linecache.cache[name] = (len(source), None, source.splitlines(True), name)
+        exec(compile(source, name, "exec"), namespace)
     return namespace[EXERCISE[slug].candidate]
 
 
@@ -174,8 +179,17 @@ MUTANTS = {
         ("m not bias-corrected", edit(("m / (1 - beta1 ** t)", "m")), "m is not bias-corrected"),
         ("bias correction without the power t", edit(("m / (1 - beta1 ** t)", "m / (1 - beta1)"),
                                                      ("v / (1 - beta2 ** t)", "v / (1 - beta2)")),
-         "after step 2 of 6"),
-        ("step count advances twice per step", edit(('state["step"] += 1', 'state["step"] += 2')), None),
+         r"^(?!.*persist).*uses the power t.*as if t were 1"),
+        ("step count advances twice per step", edit(('state["step"] += 1', 'state["step"] += 2')),
+         r"^(?!.*persist).*first step was bias-corrected with t = 2"),
+        ("step count advances after the update, starting at 1",
+         edit(('state["step"] = 0', 'state["step"] = 1'), ('                state["step"] += 1\n', ''),
+              ('p.sub_(lr * m_hat / (v_hat.sqrt() + group["eps"]))',
+               'p.sub_(lr * m_hat / (v_hat.sqrt() + group["eps"]))\n                state["step"] += 2')),
+         r"^(?!.*persist).*advanced twice per step"),
+        ("bias correction with t + 1", edit(("m / (1 - beta1 ** t)", "m / (1 - beta1 ** (t + 1))"),
+                                            ("v / (1 - beta2 ** t)", "v / (1 - beta2 ** (t + 1))")),
+         r"^(?!.*persist)"),
         ("eps inside the square root", edit(('(v_hat.sqrt() + group["eps"])', '(v_hat + group["eps"]).sqrt()')),
          "eps belongs outside the square root"),
         ("eps missing", edit((' + group["eps"]', "")), "eps is missing"),
@@ -258,6 +272,18 @@ MUTANTS = {
          "wrong clipped gradient"),
         ("no eps in the scale", edit(("max_norm / (norm + 1e-6)", "max_norm / norm")), "with the 1e-6"),
         ("inverted condition", edit(("if norm > max_norm:", "if norm < max_norm:")), "the condition is inverted"),
+        ("rebinds p.grad to a new tensor",
+         edit(("    grads = [p.grad for p in parameters if p.grad is not None]",
+               "    params = [p for p in parameters if p.grad is not None]\n    grads = [p.grad for p in params]"),
+              ("        for g in grads:\n            g.mul_(scale)",
+               "        for p in params:\n            p.grad = p.grad * scale")),
+         r"the values are right but parameter 0's .grad is a new tensor.*Clip in place, p.grad.mul_\(scale\)"),
+        # skips grad-less parameters; its None is its own: the message must not tell it to skip them
+        ("a None accumulator of its own",
+         edit(("    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))",
+               "    total = None\n    for g in grads:\n        total = total + (g ** 2).sum()\n"
+               "    norm = torch.sqrt(total)")),
+         r"^(?!.*skip parameters).*raised TypeError.*NoneType.*at line"),
     ],
     "cosine-schedule": [
         *SCHEDULE_MUTANTS,
@@ -362,6 +388,150 @@ MUTANTS = {
          "one below the previous evaluation but above the best does not reset the count"),
         ("an invented min_delta=0.01", edit(("val_loss < best_val_loss", "val_loss < best_val_loss - 0.01")),
          "however small"),
+        ("stops training at the last multiple of eval_every",
+         edit(("range(1, max_steps + 1)", "range(1, max_steps // eval_every * eval_every + 1)")),
+         r"train for all max_steps=47 steps: after the last evaluation \(step 40\) the remaining 7 steps"),
+        ("an extra evaluation at max_steps",
+         edit(("if step % eval_every != 0:", "if step % eval_every != 0 and step != max_steps:")),
+         r"you evaluated at step max_steps=47 as well"),
+        ("best val loss started at a finite constant", edit(("0, math.inf, None", "0, 5.0, None")),
+         r"start the best val loss at math.inf"),
+        ("best val loss started at a large finite constant", edit(("0, math.inf, None", "0, 10.0, None")),
+         r"start the best val loss at math.inf"),
+        # uses `<` as asked: the message must not tell it to (it did not use `<=`)
+        ("an equal loss neither improves nor counts",
+         edit(("        else:\n            evals_without_improvement += 1\n",
+               "        elif val_loss == best_val_loss:\n            pass\n"
+               "        else:\n            evals_without_improvement += 1\n")),
+         r"^(?!.*`<=`).*counts as an evaluation without improvement"),
+    ],
+    "label-smoothing": [
+        ("eps spread over the V - 1 other tokens",
+         edit(("uniform = -log_p.mean(dim=-1)", "uniform = (-log_p.sum(dim=-1) - nll) / (log_p.shape[-1] - 1)")),
+         "Yours spreads it over the V - 1 other tokens"),
+        ("divided by every position, padding included",
+         edit(("label_smoothing * uniform).mean()", "label_smoothing * uniform).sum() / len(keep)")),
+         "divide the sum by the number of targets != ignore_index"),
+        ("ignore_index hard-coded to -100", edit(("keep = targets != ignore_index", "keep = targets != -100")),
+         "use the ignore_index argument"),
+        ("smoothing weights swapped", edit(("(1 - label_smoothing) * nll + label_smoothing * uniform",
+                                            "label_smoothing * nll + (1 - label_smoothing) * uniform")),
+         "the weights are swapped"),
+        ("target term not scaled by 1 - eps", edit(("(1 - label_smoothing) * nll", "nll")), "yours weighs it 1"),
+        ("uniform term subtracted", edit(("+ label_smoothing * uniform", "- label_smoothing * uniform")),
+         "yours subtracts it"),
+        ("padded positions not dropped", edit(("z, t = logits[keep], targets[keep]", "z, t = logits, targets")),
+         r"drop those positions \(keep = targets != ignore_index\)"),
+        ("log of softmax", edit(("log_p = z - (m + (z - m).exp().sum(dim=-1, keepdim=True).log())",
+                                 "log_p = z.softmax(dim=-1).log()")), r"never log\(softmax\(z\)\)"),
+        ("returns a float", edit((".mean()", ".mean().item()")), "return a torch.Tensor"),
+        ("sums instead of averaging", edit(("label_smoothing * uniform).mean()", "label_smoothing * uniform).sum()")),
+         "not the sum"),
+        ("calls F.cross_entropy", edit(("    logits, targets = logits.reshape",
+                                        "    return torch.nn.functional.cross_entropy(logits.reshape(-1, "
+                                        "logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index, "
+                                        "label_smoothing=label_smoothing)\n    logits, targets = logits.reshape")),
+         "refused: your code called `torch.nn.functional.cross_entropy`"),
+    ],
+    "grad-accumulation": [
+        ("lesson 4's rule: each micro-batch's mean divided by their number",
+         edit(("(token_losses / total).backward()",
+               "(token_losses / int((y != ignore_index).sum()) / len(micro_batches)).backward()")),
+         r"weighs every micro-batch equally, but they hold 12, 5, 20 tokens"),
+        ("gradients not cleared first", edit(("    model.zero_grad(set_to_none=True)\n", "")),
+         "clear the gradients first"),
+        ("gradients cleared inside the loop", edit(("    model.zero_grad(set_to_none=True)\n", ""),
+                                                   ("        logits = model(x)\n",
+                                                    "        model.zero_grad()\n        logits = model(x)\n")),
+         "zero the gradients once, before the loop"),
+        ("summed, never divided", edit(("(token_losses / total).backward()", "token_losses.backward()")),
+         "yours is the gradient of the summed token losses"),
+        ("padding counted in the denominator",
+         edit(("total = sum(int((y != ignore_index).sum()) for _, y in micro_batches)",
+               "total = sum(y.numel() for _, y in micro_batches)")),
+         r"count only the targets != ignore_index: yours divides by every position"),
+        ("mean times count: nan for a micro-batch of padding only",
+         edit(("ignore_index=ignore_index, reduction=\"sum\")",
+               "ignore_index=ignore_index) * int((y != ignore_index).sum())")),
+         "its mean loss is 0/0 = nan"),
+        ("one backward() after the loop",
+         edit(("    loss_sum = 0.0\n", "    loss_sum, pending = 0.0, 0\n"),
+              ("        (token_losses / total).backward()", "        pending = pending + token_losses / total"),
+              ("    return loss_sum / total", "    pending.backward()\n    return loss_sum / total")),
+         r"call backward\(\) once per micro-batch"),
+        ("a generator read twice", edit(("    micro_batches = list(micro_batches)", "    pass")),
+         r"micro_batches may be a generator"),
+        ("returns the last micro-batch's loss",
+         edit(("    return loss_sum / total", "    return token_losses.item() / int((y != ignore_index).sum())")),
+         "you returned the last micro-batch's loss"),
+        ("one forward on the concatenated batch",
+         edit(("    for x, y in micro_batches:\n        logits = model(x)",
+               "    x = torch.cat([x for x, _ in micro_batches])\n    y = torch.cat([y for _, y in micro_batches])\n"
+               "    for _ in [0]:\n        logits = model(x)")),
+         "run the model on each micro-batch, once and in order"),
+    ],
+    "loss-scaler": [
+        ("isinf instead of isfinite (misses nan)",
+         edit(("if all(torch.isfinite(g).all() for g in grads):", "if not any(torch.isinf(g).any() for g in grads):")),
+         "a nan gradient is an overflow too"),
+        ("only the first gradient checked", edit(("torch.isfinite(g).all() for g in grads)",
+                                                  "torch.isfinite(g).all() for g in grads[:1])")),
+         "check every parameter's gradient"),
+        ("steps on an overflow", edit(("        self._scale *= self.backoff_factor\n",
+                                       "        optimizer.step()\n        self._scale *= self.backoff_factor\n")),
+         "an overflowed gradient reached the optimizer"),
+        ("no backoff", edit(("        self._scale *= self.backoff_factor\n", "")), "multiply the scale by backoff_factor"),
+        ("count not restarted by an overflow", edit(("        self._good_steps = 0\n        return False",
+                                                     "        return False")),
+         r"the scale grows after growth_interval good steps \*in a row\*"),
+        ("grows one step late", edit(("self._good_steps == self.growth_interval", "self._good_steps > self.growth_interval")),
+         "the scale grows one step late"),
+        ("grows one step early", edit(("self._good_steps == self.growth_interval",
+                                       "self._good_steps == self.growth_interval - 1")),
+         "the scale grows one step early"),
+        ("gradients not unscaled", edit(("        for g in grads:\n            g.mul_(1.0 / self._scale)\n", "")),
+         "unscale the gradients before the optimizer steps"),
+        ("factors hard-coded", edit(("self._scale *= self.growth_factor", "self._scale *= 2.0"),
+                                    ("self._scale *= self.backoff_factor", "self._scale *= 0.5")),
+         r"GradScaler decides differently at step 3 \(other factors"),
+        ("None gradients not skipped", edit((' for p in group["params"] if p.grad is not None]',
+                                             ' for p in group["params"]]')),
+         "skip parameters whose .grad is None"),
+        ("calls torch.amp.GradScaler", edit(("        self._scale = float(init_scale)\n",
+                                             "        self._scale = float(init_scale)\n"
+                                             "        torch.amp.GradScaler('cpu')\n")),
+         "refused: your code called `torch.amp.GradScaler"),
+    ],
+    "resume": [
+        ("optimizer state not restored",
+         edit(("        optimizer.load_state_dict(checkpoint[\"optimizer\"])  # AdamW's m, v, step counts and the "
+               "groups' lr\n", "")),
+         r"does not restore the optimizer's state \(optimizer.state_dict\(\)"),
+        ("scheduler not restored", edit(("        scheduler.load_state_dict(checkpoint[\"scheduler\"])\n", "")),
+         r"does not restore the LR scheduler's position"),
+        ("data generator not restored", edit(("        generator.set_state(checkpoint[\"generator\"])\n", "")),
+         r"does not restore the data generator's state"),
+        ("global RNG not restored (dropout masks differ)",
+         edit(("        torch.set_rng_state(checkpoint[\"torch_rng\"])\n", "")),
+         r"does not restore the global torch RNG state"),
+        ("weights not restored", edit(("        model.load_state_dict(checkpoint[\"model\"])\n", "")),
+         r"does not restore the model's weights"),
+        ("only the model and the optimizer",
+         edit(("        scheduler.load_state_dict(checkpoint[\"scheduler\"])\n", ""),
+              ("        generator.set_state(checkpoint[\"generator\"])\n", ""),
+              ("        torch.set_rng_state(checkpoint[\"torch_rng\"])\n", "")),
+         r"does not restore the LR scheduler's position.*; the data generator's state.*; the global torch RNG"),
+        ("the RNG reseeded with the step instead of restored",
+         edit(("        torch.set_rng_state(checkpoint[\"torch_rng\"])\n",
+               "        torch.manual_seed(checkpoint[\"step\"])\n")),
+         r"does not restore the global torch RNG state"),
+        ("returns the next step", edit(("        return checkpoint[\"step\"]", "        return checkpoint[\"step\"] + 1")),
+         r"load must return the step saved \(3"),
+        ("calls training.load_checkpoint",
+         edit(("        checkpoint = torch.load(path, weights_only=True)\n",
+               "        checkpoint = torch.load(path, weights_only=True)\n"
+               "        __import__('training').load_checkpoint(path, model)\n")),
+         r"refused: your code called `training.load_checkpoint|raised"),
     ],
 }
 
@@ -493,6 +663,9 @@ HIDDEN_CALLS = [
     ("clip-grad-norm", "from torch.nn.utils import clip_grad_norm_ as clip\n\n"
                        "def clip_grad_norm(parameters, max_norm):\n    return clip(parameters, max_norm)",
      "torch.nn.utils.clip_grad"),
+    ("cross-entropy", "def cross_entropy(logits, targets):\n    import torch.special as s\n"
+                      "    return (s.logsumexp(logits, -1) - logits[torch.arange(len(targets)), targets]).mean()",
+     "torch.special.logsumexp"),  # a C function of a banned module stays banned
     ("linear-schedule", "import training\n\ndef linear_lr(step, max_lr, min_lr, warmup_steps, total_steps):\n"
                         "    return training.linear_lr(step, max_lr=max_lr, min_lr=min_lr, "
                         "warmup_steps=warmup_steps, total_steps=total_steps)", "training.linear_lr"),
@@ -503,6 +676,25 @@ HIDDEN_CALLS = [
 def test_a_hidden_call_of_what_the_exercise_rebuilds_is_refused(slug, answer, name):
     with pytest.raises(ExerciseFailed, match=rf"^refused: your code called `{re.escape(name)}"):
         check(slug)(load(slug, answer))
+
+
+BISECT_COSINE = """\
+import bisect
+
+def cosine_lr(step, max_lr, min_lr, warmup_steps, total_steps):
+    region = bisect.bisect_right([warmup_steps, total_steps], step)  # 0: warmup, 1: decay, 2: the end
+    if region == 0:
+        return max_lr * step / warmup_steps
+    if region == 2:
+        return min_lr
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    return min_lr + (max_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+"""
+
+
+def test_a_builtin_a_banned_module_imported_is_not_banned_with_it():
+    """torch.optim.lr_scheduler imports bisect_right; the guard bans the module's own functions, not that."""
+    check("cosine-schedule")(load("cosine-schedule", BISECT_COSINE))
 
 
 def test_the_grader_refuses_a_candidate_not_defined_in_a_notebook_cell():
@@ -519,6 +711,43 @@ def test_the_grader_refuses_a_candidate_not_defined_in_a_notebook_cell():
 def test_an_lr_finder_whose_sweep_differs_in_the_last_bits_passes(sweep):
     answer = "import numpy as np\n\n" + LR_FINDER_WITH_SWEEP.format(sweep=sweep)
     checks.check_lr_finder(load("lr-finder", answer))
+
+
+FLOAT32_SCHEDULES = {
+    "cosine-schedule": """\
+import torch
+
+def cosine_lr(step, max_lr, min_lr, warmup_steps, total_steps):
+    if step >= total_steps:
+        return min_lr
+    if step < warmup_steps:
+        return float(torch.tensor(max_lr) * step / warmup_steps)
+    progress = torch.tensor((step - warmup_steps) / (total_steps - warmup_steps))
+    return float(min_lr + (max_lr - min_lr) * (1 + torch.cos(math.pi * progress)) / 2)
+""",
+    "linear-schedule": """\
+import torch
+
+def linear_lr(step, max_lr, min_lr, warmup_steps, total_steps):
+    if step >= total_steps:
+        return min_lr
+    if step < warmup_steps:
+        return float(torch.tensor(max_lr) * step / warmup_steps)
+    progress = torch.tensor(step - warmup_steps) / (total_steps - warmup_steps)
+    return float(max_lr + (min_lr - max_lr) * progress)
+""",
+}
+
+
+@pytest.mark.parametrize("slug", FLOAT32_SCHEDULES)
+def test_a_schedule_computed_in_float32_passes(slug):
+    """Near the end of a decay to min_lr = 0 a float32 answer is off by ~1e-3 relatively (cancellation in
+    1 + cos): the absolute floor relative to max_lr admits it."""
+    candidate = load(slug, FLOAT32_SCHEDULES[slug])
+    config = dict(max_lr=6e-4, min_lr=0.0, warmup_steps=100, total_steps=1000)
+    reference = {"cosine-schedule": training.cosine_lr, "linear-schedule": training.linear_lr}[slug]
+    assert not math.isclose(candidate(999, **config), reference(999, **config), rel_tol=1e-6)  # the case it is
+    check(slug)(candidate)
 
 
 def test_a_swallowed_time_limit_still_fails_the_call(monkeypatch):

@@ -20,6 +20,14 @@ Candidates (the stubs in exercises/NN-*.ipynb have exactly these shapes):
                                  -> (lrs, losses, suggested_lr); see its docstring
     check_early_stopping(fn)     fn(model, train_step, evaluate, *, max_steps, eval_every, patience)
                                  -> (best_step, best_val_loss, history); see its docstring
+    check_label_smoothing(fn)    fn(logits [..., V], targets [...], ignore_index=-100, label_smoothing=0.0)
+                                 -> 0-dim tensor, as F.cross_entropy with those arguments
+    check_grad_accumulation(fn)  fn(model, micro_batches, ignore_index=-100) -> the mean token loss; every
+                                 p.grad that of the big batch's mean loss; see its docstring
+    check_loss_scaler(cls)       cls(init_scale, growth_factor, backoff_factor, growth_interval) with scale(loss),
+                                 step(optimizer) -> bool and get_scale(), deciding as torch.amp.GradScaler
+    check_resume(cls)            cls.save(path, step, model, optimizer, scheduler, generator) and
+                                 cls.load(path, model, optimizer, scheduler, generator) -> step, bit for bit
 
 The package: harness.py holds what every check shares, and each exercise has a module named
 after its slug in exercises/catalog.py (schedules.py serves both schedules). No module may be
@@ -31,8 +39,12 @@ from exercises.checks.adamw import check_adamw
 from exercises.checks.clip_grad_norm import check_clip_grad_norm
 from exercises.checks.cross_entropy import check_cross_entropy
 from exercises.checks.early_stopping import check_early_stopping
+from exercises.checks.grad_accumulation import check_grad_accumulation
 from exercises.checks.harness import ExerciseFailed, judge, run, run_to_file
+from exercises.checks.label_smoothing import check_label_smoothing
+from exercises.checks.loss_scaler import check_loss_scaler
 from exercises.checks.lr_finder import check_lr_finder
+from exercises.checks.resume import check_resume
 from exercises.checks.schedules import check_cosine_schedule, check_linear_schedule
 
 # Set on this package by the grader (in the learner's kernel) and by the tests; the harness reads them
@@ -44,5 +56,6 @@ WATCHDOG_NOTE = None  # set by the grader in its kernel: the file the watchdog w
 __all__ = [
     "ExerciseFailed", "TIME_LIMIT_S", "GRACE_S", "WATCHDOG_NOTE", "check_cross_entropy", "check_adamw",
     "check_clip_grad_norm", "check_cosine_schedule", "check_linear_schedule", "check_lr_finder",
-    "check_early_stopping", "run", "run_to_file", "judge",
+    "check_early_stopping", "check_label_smoothing", "check_grad_accumulation",
+    "check_loss_scaler", "check_resume", "run", "run_to_file", "judge",
 ]

@@ -187,6 +187,13 @@ def _adamw_first_step(history):
         if abs(ratio / value - 1) < 0.05:
             raise ExerciseFailed(f"{message}. On step 1 every |update| should be about lr (m_hat / sqrt(v_hat) "
                                  f"= g / |g|), yours is {ratio:.3g} x lr")
+    (beta1, beta2) = _FIRST_STEP_HYPER["betas"]
+    for t in (2, 3):  # |update| / lr of a first step bias-corrected with this t (m = (1 - beta1) g, v = (1 - beta2) g^2)
+        value = (1 - beta1) / (1 - beta1 ** t) / math.sqrt((1 - beta2) / (1 - beta2 ** t))
+        if torch.allclose(got.abs() / lr, torch.full_like(got, value), rtol=1e-2):  # every parameter's
+            raise ExerciseFailed(f"your first step was bias-corrected with t = {t}: t must be 1 on the first step "
+                                 f"(the count starts at 0 and grows by one per step(); yours advanced by {t} or "
+                                 f"started above 0). Your |update| is {ratio:.3g} x lr, about lr expected")
     right = [torch.allclose(a, b, rtol=1e-3, atol=_UPDATE_ATOL) for a, b in zip(got_per_param, expected_per_param)]
     if right[0] and not all(right):
         i = right.index(False)
@@ -278,15 +285,49 @@ def _adamw_many_steps(got):
          "apply weight decay before the Adam update, as torch.optim.AdamW: p *= 1 - lr * wd, then "
          "p -= lr * m_hat / (sqrt(v_hat) + eps)"),
     ]
-    for variant, message in variants:
+    for variant, message in variants + _STEP_COUNT_MISTAKES:
+        if callable(variant):
+            variant = _reference_history("many steps", cls=variant)
         if _matches(got, variant):
             raise ExerciseFailed(message)
     t, i = mismatch
-    hint = (" Step 1 is right, so check that m, v and the step count t persist between calls (in self.state[p]) "
-            "and that t grows by one per step() for each parameter." if t > 0 else "")
     raise ExerciseFailed(f"after step {t + 1} of 6 ({_MANY_STEPS_HYPER_TEXT}), parameter {i} (shape "
                          f"{list(expected[t][i].shape)}) is wrong: "
-                         f"{tensor_differences(expected[t][i], got[t][i])}.{hint}")
+                         f"{tensor_differences(expected[t][i], got[t][i])}")
+
+
+class _StateMistake(torch.optim.Optimizer):
+    """training.AdamW with its per-parameter state changed before every step (a mistake model): `before(state)`
+    edits the step count or clears the moments."""
+
+    before = staticmethod(lambda state: None)
+
+    def __init__(self, params, **hyper):
+        self.adam = training.AdamW(params, **hyper)
+        super().__init__(self.adam.param_groups, {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for state in self.adam.state.values():
+            type(self).before(state)
+        self.adam.step()
+
+
+def _state_mistake(edit):
+    return type("_StateMistake", (_StateMistake,), {"before": staticmethod(edit)})
+
+
+# (a model of the mistake, its message): each names one thing done to t, m or v between steps
+_STEP_COUNT_MISTAKES = [
+    (_state_mistake(lambda state: state.update(step=0)),
+     "the bias correction uses the power t, the number of steps taken so far: m / (1 - beta1 ** t) and "
+     "v / (1 - beta2 ** t). Yours corrects as if t were 1 at every step (1 - beta1, 1 - beta2)"),
+    (_state_mistake(lambda state: state.update(step=state["step"] + 1)),
+     "the step count t grows by one per step(): yours counted 1, 3, 5, ... (it advanced twice per step)"),
+    (_state_mistake(lambda state: state.clear()),
+     "m, v and the step count t must persist between calls (in self.state[p]): yours started them afresh at "
+     "every step() (step 1 is right, the later ones are not)"),
+]
 
 
 def _coupled_adam(params, **hyper):

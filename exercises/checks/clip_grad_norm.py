@@ -59,9 +59,28 @@ def _run_clip_grad_norm(fn, records, guard):
     for case, source, max_norm, as_generator in _cases():
         learner = _clone_params(_case_params(source, as_generator))
         argument = (p for p in learner) if as_generator else learner
+        given = [p.grad for p in learner]
         got = call_candidate("clip_grad_norm", {"case": case, "max_norm": max_norm}, fn, argument, max_norm,
-                             hints=[NONE_GRAD_HINT], guard=guard)
-        records.append({"got": got, "grads": [p.grad for p in learner]})
+                             hints=[_none_grad_hint(fn, source, as_generator, max_norm, guard)], guard=guard)
+        # in place keeps each .grad the same tensor object: whatever holds it (an optimizer, a hook) sees the clip
+        records.append({"got": got, "grads": [p.grad for p in learner],
+                        "replaced": [g is not None and p.grad is not g for p, g in zip(learner, given)]})
+
+
+def _none_grad_hint(fn, source, as_generator, max_norm, guard):
+    """NONE_GRAD_HINT, given only when the parameters without a gradient are what broke the call: the candidate
+    runs on the same case without them. A None of the learner's own (`total = None`) gets no such advice."""
+    with_grads = [p for p in _clone_params(_case_params(source, as_generator)) if p.grad is not None]
+
+    def matches(error):
+        if "NoneType" not in str(error) or len(with_grads) == len(list(_case_params(source, as_generator))):
+            return False
+        try:
+            call_candidate("clip_grad_norm", {}, fn, _clone_params(with_grads), max_norm, guard=guard)
+        except ExerciseFailed:
+            return False
+        return True
+    return matches, NONE_GRAD_HINT[1]
 
 
 def _judge_clip_grad_norm(records):
@@ -90,6 +109,11 @@ def _judge_clip_grad_norm(records):
         _judge_norm(record["got"], expected_norm, before, max_norm, case, as_generator)
         _judge_grads(record["grads"], reference, before, max_norm, expected_norm, case, as_generator,
                      _changed_below(cases, changed))
+        if any(record["replaced"]):
+            index = record["replaced"].index(True)
+            raise ExerciseFailed(f"the values are right but parameter {index}'s .grad is a new tensor for {case}: "
+                                 f"`p.grad = p.grad * scale` rebinds it. Clip in place, p.grad.mul_(scale), so that "
+                                 f"the tensor the optimizer (or a hook) already holds is the one clipped")
 
 
 def _changed_below(cases, changed):

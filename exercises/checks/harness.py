@@ -147,7 +147,9 @@ def require_callable(candidate, name):
 
 
 # A hint for call_candidate, shared by the exercises whose candidate loops over parameters' gradients.
-NONE_GRAD_HINT = (lambda e: "NoneType" in str(e),
+# Only when the learner's failing line reads a `.grad` (or its text is unknown): a None of the learner's own
+# (`total = None`) is not one.
+NONE_GRAD_HINT = (lambda e: "NoneType" in str(e) and (".grad" in _learner_line(e) or "`" not in _learner_line(e)),
                   "skip parameters whose .grad is None (frozen or unused): `if p.grad is None: continue`")
 
 
