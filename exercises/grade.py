@@ -59,6 +59,7 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
+from course.colab import setup_cell_source
 from exercises import checks, sandbox
 from exercises.catalog import BY_SLUG, EXERCISES
 from exercises.integrity import scan
@@ -133,10 +134,19 @@ def _is_check_cell(cell):
     return "check" in cell.get("metadata", {}).get("tags", []) or re.search(r"\bcheck_\w+\(", cell.source)
 
 
+# The course's Colab set-up cell (course/colab.py), for any fork and branch: it does nothing outside Colab, so the
+# grader neither reads nor runs it (its `sys.modules` and `subprocess` would be refused in an answer).
+_SETUP_CELL = re.compile(re.escape(setup_cell_source("https://github.com/OWNER/REPO", "BRANCH"))
+                         .replace("OWNER", r"[\w.-]+").replace("REPO", r"[\w.-]+").replace("BRANCH", r"[\w./-]+")
+                         + r"\s*")
+
+
 def answer_cells(notebook, exercise):
     """(cell number, source) of the code cells up to the last one that defines the candidate, without
-    the learner's own check cells (a cell that defines the candidate stays); None when none defines it."""
-    code = [(number, cell) for number, cell in enumerate(notebook.cells, start=1) if cell.cell_type == "code"]
+    the learner's own check cells (a cell that defines the candidate stays) and the set-up cell; None when
+    none defines it."""
+    code = [(number, cell) for number, cell in enumerate(notebook.cells, start=1)
+            if cell.cell_type == "code" and not _SETUP_CELL.fullmatch(cell.source)]
     defining = [i for i, (_, cell) in enumerate(code) if _defines(cell.source, exercise.candidate)]
     if not defining:
         return None
