@@ -76,8 +76,9 @@ RUNTIME = [(re.compile(pattern), why) for pattern, why in (
     (r"sys\.(modules|_getframe|setprofile|settrace|_current_frames|meta_path|path_hooks)\b",
      "the interpreter's modules, frames or hooks"),
     (r"types\.(CodeType|FunctionType|LambdaType|MethodType)\b", "functions built from code objects"),
-    (r"(subprocess|multiprocessing|pty|ctypes|_ctypes|signal|_signal|_thread|faulthandler|_posixsubprocess)"
-     r"(\..*)?$", "other processes, signals or raw memory"),
+    (r"(subprocess|multiprocessing|torch\.multiprocessing|pty|ctypes|_ctypes|signal|_signal|threading|_thread|"
+     r"concurrent|faulthandler|_posixsubprocess)(\..*)?$",
+     "other processes, threads (outside the guard), signals or raw memory"),
     (r"os\.(system|popen|fork|forkpty|exec\w*|spawn\w*|posix_spawn\w*|kill|killpg|setsid|register_at_fork)$",
      "other processes"),
     (r"inspect\.(currentframe|stack|trace|getouterframes|getinnerframes)$", "the interpreter's frames"),
