@@ -10,7 +10,11 @@ checker itself, the solutions, code built from strings). They are enforced twice
   refuses patching a module (`training.linear_lr = ...`, `json.dumps = ...`), exec/eval, and
   paths into solutions/ or notebooks.
 * `CallGuard(slug)`, in the kernel while the candidate runs, catches a banned function when it
-  is actually called, also from code the scan cannot see (a helper in another module).
+  is actually called, also from code the scan cannot see (a helper in another module); and, one
+  level down, a TorchDispatchMode refuses the ATen operators behind those functions (BANNED_OPS)
+  however they are reached: `torch.ops.aten._log_softmax`, a copied function, a fused kernel.
+  The check's own reference computations never run under either: both are entered only around
+  each call of the candidate.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import sys
 import types
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Names (module, function, class or tensor method ".name") each exercise may not use.
 BANNED = {
@@ -51,6 +56,17 @@ BANNED = {
     "resume": ["training.save_checkpoint", "training.load_checkpoint", "training.read_checkpoint",
                "m07_training.checkpoint"],
 }
+# The ATen operators (by name, without the overload) behind each exercise's banned functions, refused by the
+# dispatcher while the candidate runs. Cross-entropy's composite functions (F.cross_entropy, log_softmax,
+# torch.special.*) reach these; torch.optim.Adam(W)'s fused kernels are these (their for-each and for-loop
+# versions run Python of torch/optim/adam*.py, which CallGuard refuses by file). clip_grad_norm_ and
+# get_total_norm are Python over ordinary norm operators, which an answer needs: CallGuard refuses them.
+BANNED_OPS = {
+    "cross-entropy": {"log_softmax", "_log_softmax", "special_log_softmax", "logsumexp", "special_logsumexp",
+                      "nll_loss", "nll_loss_forward", "nll_loss2d", "nll_loss2d_forward", "nll_loss_nd",
+                      "cross_entropy_loss"},
+    "adamw": {"_fused_adamw", "_fused_adamw_", "_fused_adam", "_fused_adam_"},
+}
 # The checker and the solutions are off limits in every exercise (importing the checks and calling a
 # `check_*` is allowed).
 COMMON = ["exercises.grade", "exercises.integrity", "exercises.checks"]
@@ -62,6 +78,28 @@ CODE_FROM_STRINGS = {"exec", "eval", "compile", "__import__", "importlib", "runp
 NO_PATCHING = ("exercises", "training", "m07_training", "json", "builtins", "sys", "torch", "threading", "signal", "os")
 PATCHING_ALLOWED = ("torch.backends", "os.environ")
 SUSPICIOUS_PATH = re.compile(r"solutions[/\\]|\.ipynb\b")
+# Refused in every exercise, by (dotted name, why): what reaches into the interpreter, the kernel, the dispatcher,
+# other processes or private code, none of which an answer needs.
+RUNTIME = [(re.compile(pattern), why) for pattern, why in (
+    (r"gc(\..*)?$", "the garbage collector, which hands out every object"),
+    (r"sys\.(modules|_getframe|setprofile|settrace|_current_frames|meta_path|path_hooks)\b",
+     "the interpreter's modules, frames or hooks"),
+    (r"types\.(CodeType|FunctionType|LambdaType|MethodType)\b", "functions built from code objects"),
+    (r"(subprocess|multiprocessing|torch\.multiprocessing|pty|ctypes|_ctypes|signal|_signal|threading|_thread|"
+     r"concurrent|faulthandler|_posixsubprocess)(\..*)?$",
+     "other processes, threads (outside the guard), signals or raw memory"),
+    (r"os\.(system|popen|fork|forkpty|exec\w*|spawn\w*|posix_spawn\w*|kill|killpg|setsid|register_at_fork)$",
+     "other processes"),
+    (r"inspect\.(currentframe|stack|trace|getouterframes|getinnerframes)$", "the interpreter's frames"),
+    (r"torch\.(_C|overrides|library|_ops|_dispatch|_python_dispatcher)(\..*)?$|torch\.utils\._python_dispatch",
+     "torch's dispatcher"),
+    (r"(training|m07_training|m06_transformer)(\.[A-Za-z]\w*)*\._\w*", "private helpers of the course code"),
+    (r"IPython(\..*)?$|ipykernel(\..*)?$|get_ipython$", "the notebook's kernel"),
+)]
+# Attributes that reach a function's code, globals or an object's namespace, or the call stack.
+RUNTIME_ATTRIBUTES = {"__dict__", "__code__", "__globals__", "__closure__", "__builtins__", "__subclasses__",
+                      "__getattribute__", "__reduce__", "__reduce_ex__", "f_back", "f_globals", "f_locals",
+                      "f_builtins", "f_code", "tb_frame", "gi_frame", "cr_frame", "ag_frame"}
 
 
 class Refused(BaseException):
@@ -104,6 +142,13 @@ class _Scanner(ast.NodeVisitor):
             self.problems.append(text)
 
     def use(self, dotted):
+        if dotted:
+            for pattern, why in RUNTIME:
+                if pattern.match(dotted):
+                    self.flag(f"`{dotted}` ({why})")
+            for attribute in dotted.split(".")[1:]:
+                if attribute in RUNTIME_ATTRIBUTES:
+                    self.flag(f"`{dotted}` (`{attribute}` reaches code, namespaces or frames)")
         name = dotted and _banned(self.slug, dotted)
         if name:
             self.flag(f"`{dotted}`" if dotted.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]
@@ -142,8 +187,10 @@ class _Scanner(ast.NodeVisitor):
     def name_rules(self, name):
         if name in CODE_FROM_STRINGS:
             self.flag(f"`{name}` (code built from a string)")
-        if name.startswith("_grader") or name in ("vars", "globals"):
+        if name.startswith("_grader") or name in ("vars", "globals", "__builtins__"):
             self.flag(f"`{name}` (the grader's own names, or namespaces by name)")
+        if name == "get_ipython":
+            self.flag("`get_ipython` (the notebook's kernel)")
 
     def visit_Call(self, node):
         if isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr") and node.args:
@@ -183,6 +230,8 @@ class _Scanner(ast.NodeVisitor):
             self.generic_visit(node)
 
     def visit_Constant(self, node):
+        if isinstance(node.value, str) and (node.value in RUNTIME_ATTRIBUTES or node.value.startswith("_grader")):
+            self.flag(f"the name {node.value!r} (code, namespaces, frames or the grader's own names)")
         if isinstance(node.value, str) and SUSPICIOUS_PATH.search(node.value):
             self.flag(f"the path {node.value!r} (the solutions, notebooks and reference answers are off limits)")
 
@@ -192,6 +241,10 @@ def scan(slug, sources):
     are skipped (running them reports the syntax error)."""
     scanner = _Scanner(slug)
     for source in sources:
+        for line in source.splitlines():
+            if line.lstrip().startswith(("%", "!")):
+                scanner.flag(f"the IPython command `{line.strip()[:40]}` (magics and shell commands run code the "
+                             f"reading cannot see)")
         try:
             tree = ast.parse(_strip_magics(source))
         except SyntaxError:
@@ -200,12 +253,13 @@ def scan(slug, sources):
     if not scanner.problems:
         return None
     return ("refused: the answer uses " + "; ".join(scanner.problems) + ". This exercise asks you to write "
-            "the computation yourself, without the functions it rebuilds, the checker, the solutions, or "
-            "changes to modules")
+            "the computation yourself, without the functions it rebuilds, the checker, the solutions, "
+            "changes to modules, or reaching into the interpreter, the kernel or other processes")
 
 
 def _strip_magics(source):
-    """Notebook lines starting with % or ! are IPython commands, not Python."""
+    """Notebook lines starting with % or ! are IPython commands, not Python (scan refuses them; the rest of the
+    cell is still read)."""
     return "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines())
 
 
@@ -250,10 +304,29 @@ def _defined_for(builtin, module):
     return home == module.__name__ or home.startswith((module.__name__ + ".", "torch._C._"))
 
 
+class _OpGuard(TorchDispatchMode):
+    """Refuses the exercise's BANNED_OPS when the dispatcher runs them."""
+
+    def __init__(self, ops, guard):
+        super().__init__()
+        self.ops, self.guard = ops, guard
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        if name in self.ops:
+            self.guard.refuse(f"torch.ops.aten.{name}")
+        return func(*args, **(kwargs or {}))
+
+
 class CallGuard:
-    """sys.setprofile hook that raises Refused when a banned function is called."""
+    """sys.setprofile hook that raises Refused when a banned function is called; with it, a dispatch mode that
+    refuses the exercise's banned ATen operators."""
 
     def __init__(self, slug):
+        self.ops = BANNED_OPS.get(slug, set())
+        if self.ops:  # the first dispatch mode of a process imports parts of torch (seconds): not on the clock
+            with _OpGuard(set(), self):
+                torch.zeros(2, requires_grad=True).exp().sum().backward()
         # what is banned -> the name to show: code objects, source files, builtin functions (by id)
         self.codes, self.files, self.builtins, self.tensor_methods = {}, {}, {}, set()
         self.refused = None
@@ -292,11 +365,16 @@ class CallGuard:
         raise Refused(self.refused)
 
     def __enter__(self):
+        self.mode = _OpGuard(self.ops, self) if self.ops else None
+        if self.mode is not None:
+            self.mode.__enter__()
         self.previous = sys.getprofile()
         sys.setprofile(self)
         return self
 
     def __exit__(self, *exc):
         sys.setprofile(self.previous)
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
         return False
 

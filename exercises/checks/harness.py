@@ -32,6 +32,7 @@ import numbers
 import os
 import re
 import signal
+import sys
 import threading
 import traceback
 from json import dumps as _json_dumps  # bound at import: a later patch of json.dumps changes nothing here
@@ -172,9 +173,29 @@ def type_name(value):
     return value.type_name if isinstance(value, Foreign) else type(value).__name__
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_DTYPES = {"float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"}
+
+
+def _numpy_scalar(value):
+    """numpy's own scalar types (exactly: not a subclass the answer defines), which .item() makes plain."""
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and type(value) in {getattr(numpy, name) for name in (
+        "float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+        "bool_")}
+
+
 def _to_plain_data(value, depth=0):
-    """value as JSON-able data: tensors, numbers, strings, None, lists, tuples, dicts; anything else by type name."""
+    """value as JSON-able data: tensors, numbers, strings, None, lists, tuples, dicts; anything else by type name.
+    Only the exact types count (a subclass of float, Tensor or list that the answer defines is an object): so no
+    method of the answer's runs here, after the guard has let go."""
     if depth > 8:
+        return {"__object__": type(value).__name__}
+    if _numpy_scalar(value):
+        value = value.item()
+    if isinstance(value, torch.Tensor) and type(value) not in _PLAIN_TENSORS:
+        return {"__object__": type(value).__name__}
+    if type(value) not in (torch.Tensor, torch.nn.Parameter, type(None), bool, str, int, float, list, tuple, dict):
         return {"__object__": type(value).__name__}
     if torch.is_tensor(value):
         value = value.detach().cpu()
@@ -192,7 +213,7 @@ def _to_plain_data(value, depth=0):
         return [_to_plain_data(item, depth + 1) for item in value]
     if isinstance(value, tuple):
         return {"__tuple__": [_to_plain_data(item, depth + 1) for item in value]}
-    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+    if isinstance(value, dict) and all(type(key) is str for key in value):
         return {"__dict__": {key: _to_plain_data(item, depth + 1) for key, item in value.items()}}
     return {"__object__": type(value).__name__}
 
@@ -206,6 +227,8 @@ def _from_plain_data(data):
     (tag, content), = data.items()
     if tag == "__tensor__":
         dtype, shape, values = content
+        if dtype not in _DTYPES:
+            raise ValueError(f"not a dtype the run writes: {dtype!r}")
         return torch.tensor(values, dtype=getattr(torch, dtype)).reshape(shape)
     if tag == "__tuple__":
         return tuple(_from_plain_data(item) for item in content)
@@ -287,6 +310,9 @@ def judge(check, data, *, notebook=False):
                                  + ". Write it in the answer cell")
     records = _Records([_from_plain_data(record) for record in data["records"]])
     JUDGES[check](records)
+    if records.position != len(records.records):  # exactly one record per case the check tried
+        raise ExerciseFailed(f"the run of your answer sent back {len(records.records)} records where the check "
+                             f"expects {records.position}")
 
 
 def run_and_judge(check, candidate):
