@@ -489,6 +489,7 @@ def main(argv=None):
                              "without it, with notebooks you trust")
     args = parser.parse_args(argv)
     logging.getLogger("traitlets").setLevel(logging.ERROR)  # kernel-start chatter would break up the table
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "Task was destroyed" when a sandboxed kernel is killed
     if min(args.cell_timeout, args.call_timeout, args.check_timeout) <= 0 or args.jobs < 1:
         parser.error("the timeouts must be positive, --jobs at least 1")
     try:
