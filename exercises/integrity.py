@@ -50,6 +50,8 @@ BANNED = {
                     "torch._amp_update_scale_"],
     "resume": ["training.save_checkpoint", "training.load_checkpoint", "training.read_checkpoint",
                "m07_training.checkpoint"],
+    "muon": ["torch.optim.Muon", "torch.optim._muon", "training.Muon", "training.MuonWithAdamW",
+             "training.newton_schulz", "m07_training.muon"],
 }
 # The checker and the solutions are off limits in every exercise (importing the checks and calling a
 # `check_*` is allowed).
