@@ -36,6 +36,7 @@ EXERCISES = (
              "check_grad_accumulation"),
     Exercise(10, "loss-scaler", "A dynamic loss scaler", "LossScaler", "check_loss_scaler"),
     Exercise(11, "resume", "Save and resume, bit for bit", "Checkpoint", "check_resume"),
+    Exercise(12, "muon", "A Muon step, equal to torch.optim.Muon", "Muon", "check_muon"),
 )
 
 BY_SLUG = {exercise.slug: exercise for exercise in EXERCISES}

@@ -55,6 +55,8 @@ BANNED = {
                     "torch._amp_update_scale_"],
     "resume": ["training.save_checkpoint", "training.load_checkpoint", "training.read_checkpoint",
                "m07_training.checkpoint"],
+    "muon": ["torch.optim.Muon", "torch.optim._muon", "training.Muon", "training.MuonWithAdamW",
+             "training.newton_schulz", "m07_training.muon"],
 }
 # The ATen operators (by name, without the overload) behind each exercise's banned functions, refused by the
 # dispatcher while the candidate runs. Cross-entropy's composite functions (F.cross_entropy, log_softmax,

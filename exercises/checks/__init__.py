@@ -28,6 +28,8 @@ Candidates (the stubs in exercises/NN-*.ipynb have exactly these shapes):
                                  step(optimizer) -> bool and get_scale(), deciding as torch.amp.GradScaler
     check_resume(cls)            cls.save(path, step, model, optimizer, scheduler, generator) and
                                  cls.load(path, model, optimizer, scheduler, generator) -> step, bit for bit
+    check_muon(cls)              cls(params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1), whose
+                                 step() equals torch.optim.Muon's (Newton-Schulz in float32)
 
 The package: harness.py holds what every check shares, and each exercise has a module named
 after its slug in exercises/catalog.py (schedules.py serves both schedules). No module may be
@@ -44,6 +46,7 @@ from exercises.checks.harness import ExerciseFailed, judge, run, run_to_file
 from exercises.checks.label_smoothing import check_label_smoothing
 from exercises.checks.loss_scaler import check_loss_scaler
 from exercises.checks.lr_finder import check_lr_finder
+from exercises.checks.muon import check_muon
 from exercises.checks.resume import check_resume
 from exercises.checks.schedules import check_cosine_schedule, check_linear_schedule
 
@@ -57,5 +60,5 @@ __all__ = [
     "ExerciseFailed", "TIME_LIMIT_S", "GRACE_S", "WATCHDOG_NOTE", "check_cross_entropy", "check_adamw",
     "check_clip_grad_norm", "check_cosine_schedule", "check_linear_schedule", "check_lr_finder",
     "check_early_stopping", "check_label_smoothing", "check_grad_accumulation",
-    "check_loss_scaler", "check_resume", "run", "run_to_file", "judge",
+    "check_loss_scaler", "check_resume", "check_muon", "run", "run_to_file", "judge",
 ]
