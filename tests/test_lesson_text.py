@@ -46,3 +46,9 @@ def test_each_lesson_names_the_file_of_its_production_version(path):
     files = re.findall(r"`(m07_training/\w+\.py)`", prose.split("**The production version.**", 1)[-1])
     assert "**The production version.**" in prose and files, f"{path.name} does not name its production file"
     assert all((ROOT / name).is_file() for name in files), files
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "lessons").glob("*.ipynb")), ids=lambda p: p.name)
+def test_practice_links_point_at_exercises_that_exist(path):
+    linked = re.findall(r"\]\(\.\./(exercises/[\w-]+\.ipynb)\)", reader_text(path))
+    assert all((ROOT / name).is_file() for name in linked), linked
