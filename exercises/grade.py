@@ -37,6 +37,7 @@ cannot be written.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import csv
 import hashlib
@@ -56,6 +57,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import nbformat
+from jupyter_core.utils import run_sync
 from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
@@ -323,6 +325,9 @@ def _kill(client):
             gone = True
         if client.kc is not None:
             client.kc.stop_channels()
+        # the manager's control socket: left open, it would hold up this process's exit (ZMQ's linger)
+        run_sync(km.cleanup_resources)()
+        atexit.unregister(client._cleanup_kernel)
         return gone
     except Exception:  # noqa: BLE001 - the kernel is being torn down; a half-closed channel is no reason to stop
         return True

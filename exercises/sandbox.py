@@ -5,7 +5,7 @@ interpreter and its packages (sys.prefix, sys.base_prefix), and the course code 
 (COURSE below: never solutions/, tests/, .git or any notebook but its own). Writable: its box,
 a private folder the grader made for it (its working directory and $HOME, holding a copy of its
 own notebook, the kernel's connection file and sockets, and the file the check writes), and an
-in-memory /tmp. Nothing else of the host: not the submissions, not --out, not another box.
+in-memory /tmp of TMP_SIZE; the rest of its file tree is read-only. Nothing else of the host: not the submissions, not --out, not another box.
 
 * No network: its own network namespace (--unshare-net) has only a loopback of its own. The kernel
   still talks to the grader because the connection uses ZMQ's IPC transport, Unix sockets whose
@@ -102,7 +102,7 @@ def command(box, argv, *, cpu_seconds, info_file):
     # bwrap gets its info fd from a shell redirection: the file is opened by the grader's side, before bwrap runs
     sandbox = [BWRAP, "--die-with-parent", "--new-session", "--unshare-all", "--unshare-net", "--cap-drop", "ALL",
                "--proc", "/proc", "--dev", "/dev", "--size", str(TMP_SIZE), "--tmpfs", "/tmp", *binds,
-               "--bind", box, box, "--chdir", box, "--clearenv", *setenv, "--info-fd", "3", "--", *limits, *argv]
+               "--bind", box, box, "--remount-ro", "/", "--chdir", box, "--clearenv", *setenv, "--info-fd", "3", "--", *limits, *argv]
     return ["/bin/sh", "-c", 'exec "$@" 3>"$0"', str(info_file), *sandbox]
 
 

@@ -47,16 +47,17 @@ try:
     escaped.append("network")
 except OSError:
     pass
+# Writes outside its box: where they seem to work they land in the sandbox's own /tmp, gone with it (checked
+# from outside: the victim's notebook, the submissions folder and --out are untouched).
 for target in ({OUT!r} + "/grades.csv", {VICTIM_STEM!r} + ".ipy" + "nb", {SUBMISSIONS!r} + "/planted.txt"):
     try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
         with open(target, "w") as file:
             file.write("forged")
-        escaped.append(target)
     except OSError:
         pass
 try:
     os.makedirs({OUT!r} + "/grades.json/x")
-    escaped.append("out folder")
 except OSError:
     pass
 try:
@@ -82,8 +83,8 @@ HOSTILE = {
               "refused: your code called `torch.ops.aten.nll_loss_forward`")],
     # (a) honest in its own check cell (a full environment), a cheat under the grader (a cleared one)
     "two-faced": [("01-cross-entropy.ipynb", "import os\n\n" + CE_HEAD +
-                   "    if len(os.environ) < 20:  # under the grader\n"
-                   "        return torch.ops.aten.logsumexp(logits, [-1]).mean() - "
+                   "    if os.environ.get('HOME') == os.getcwd():  # under the grader: its box is both\n"
+                   "        return getattr(torch.ops.aten, 'log' + 'sumexp')(logits, [-1]).mean() - "
                    "logits[torch.arange(len(targets)), targets].mean()\n"
                    "    m = logits.max(-1, keepdim=True).values\n"
                    "    lse = m.squeeze(-1) + (logits - m).exp().sum(-1).log()\n"
@@ -123,7 +124,7 @@ HOSTILE = {
     # (c) sabotage of the grader, its outputs and other learners; (d) a kernel its own time limits cannot stop
     "saboteur": [("04-cosine-schedule.ipynb", "ESCAPES", COSINE, None, 1, ""),  # right, and nothing escaped
                  ("04-cosine-schedule-forge.ipynb", "def cosine_lr(*args):\n"
-                  "    raise ValueError('\\nmallory  x.ipynb  cosine-schedule  1  passed\\n' * 3)", COSINE, None, 0,
+                  "    raise ValueError(('\\nmallory  x.ipy' + 'nb  cosine-schedule  1  passed\\n') * 3)", COSINE, None, 0,
                   "raised ValueError"),
                  ("04-cosine-schedule-gil.ipynb", "def cosine_lr(*args):\n    return sum(range(10 ** 13))", COSINE, None,
                   0, f"a cell ran longer than {CHECK_TIMEOUT_S:g} s")],
@@ -199,6 +200,8 @@ def test_the_sandbox_denied_the_network_the_other_folders_and_the_solutions(grad
     assert graded["victim"].read_bytes() == graded["victim_bytes"]  # another learner's notebook is untouched
     assert not (graded["root"] / "planted.txt").exists()
     assert (graded["out"] / "grades.csv").is_file() and (graded["out"] / "grades.json").is_file()
+    assert sorted(path.name for path in graded["out"].iterdir()) == ["grades.csv", "grades.json"]
+    assert "forged" not in (graded["out"] / "grades.csv").read_text(encoding="utf-8")
     assert _rows(graded)["saboteur/04-cosine-schedule.ipynb"]["score"] == "1"
 
 
@@ -207,12 +210,12 @@ def test_forged_rows_do_not_reach_the_table_and_the_digests_match_the_files(grad
     stdout = graded["stdout"]
     table = stdout.split("\n\n")[0].splitlines()
     assert len(table) == 2 + len(EXPECTED)
-    assert "forged.ipynb" not in stdout and "x.ipynb" not in stdout.replace("-forge.ipynb", "")
+    assert not any(line.startswith("mallory") for line in stdout.splitlines())  # the forged rows are not rows
     for name in ("grades.csv", "grades.json"):
         digest = hashlib.sha256((graded["out"] / name).read_bytes()).hexdigest()
         assert f"sha256 {digest}  {name}" in stdout
     report = json.loads((graded["out"] / "grades.json").read_text(encoding="utf-8"))
-    assert report["totals"]["honest"] == 3  # the victim, graded as submitted, and the two honest notebooks
+    assert report["totals"]["honest"] == 2  # the victim among them, graded as submitted
 
 
 @pytest.mark.slow  # shares one grading run
