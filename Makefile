@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 # where an NVIDIA driver is found, else the CPU-only wheel), cpu or cuda. See course/torch_choice.py.
 TORCH  ?= auto
 
-.PHONY: all train test setup browser-deps benchmarks site
+.PHONY: all train test setup browser-deps sandbox-deps benchmarks site
 all: train
 
 # Re-install only when the pins, the package metadata or the TORCH setting change.
@@ -31,6 +31,10 @@ setup: $(VENV)/.installed
 train: setup
 	$(PY) training.py
 
+# Debian's bubblewrap, the grader's sandbox (exercises/sandbox.py).
+sandbox-deps:
+	bash tests/sandbox_setup.sh
+
 # Debian's chromium and the pinned Observable npm packages for the browser test.
 browser-deps:
 	bash tests/browser/setup.sh
@@ -40,7 +44,7 @@ browser-deps:
 # bits of matmuls and reductions, so a stored output that is a raw short-run loss fails here.
 PORTABLE_CPU := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 OMP_NUM_THREADS=1
 
-test: setup browser-deps
+test: setup browser-deps sandbox-deps
 	$(PY) -m pytest
 	$(PORTABLE_CPU) $(PY) -m pytest lessons solutions
 
