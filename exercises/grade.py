@@ -494,6 +494,8 @@ def main(argv=None):
                              "without it, with notebooks you trust")
     args = parser.parse_args(argv)
     logging.getLogger("traitlets").setLevel(logging.ERROR)  # kernel-start chatter would break up the table
+    # a kernel killed mid-cell leaves nbclient's output-polling task pending: asyncio's note of it is not news
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     if min(args.cell_timeout, args.call_timeout, args.check_timeout) <= 0 or args.jobs < 1:
         parser.error("the timeouts must be positive, --jobs at least 1")
     try:
