@@ -6,7 +6,7 @@ m07_training/, the production twin of one lesson; import them from here:
 
     lesson 1  loss          m07_training/loss.py         cross_entropy, perplexity
     lesson 2  optimizers    m07_training/optimizers.py   SGD, AdamW
-    lesson 3  schedules     m07_training/schedules.py    cosine_lr, linear_lr, CosineScheduler
+    lesson 3  schedules     m07_training/schedules.py    cosine_lr, linear_lr, wsd_lr, CosineScheduler
     lesson 4  stability     m07_training/clipping.py     clip_grad_norm
               devices       m07_training/devices.py      pick_device, resolve_dtype, autocast
               the doctor    m07_training/doctor.py       diagnose, read_history, unigram_loss
@@ -58,7 +58,7 @@ from m07_training.run_files import RUN_FILES
 from m07_training.plot import plot_run
 from m07_training.sampling import sample_from_checkpoint, sample_text
 from m07_training.scoring import Score, score_text
-from m07_training.schedules import SCHEDULES, CosineScheduler, cosine_lr, linear_lr, lr_of_update
+from m07_training.schedules import SCHEDULES, CosineScheduler, cosine_lr, linear_lr, lr_of_update, wsd_lr
 from m07_training.signals import TrainingInterrupted
 
 __all__ = [
@@ -67,7 +67,7 @@ __all__ = [
     # lesson 2
     "SGD", "AdamW",
     # lesson 3
-    "cosine_lr", "linear_lr", "CosineScheduler", "SCHEDULES", "lr_of_update",
+    "cosine_lr", "linear_lr", "wsd_lr", "CosineScheduler", "SCHEDULES", "lr_of_update",
     # lesson 4
     "clip_grad_norm", "pick_device", "has_native_bf16", "resolve_dtype", "autocast", "DTYPES",
     "diagnose", "format_diagnosis", "read_history", "unigram_loss", "Finding",

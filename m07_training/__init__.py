@@ -2,7 +2,7 @@
 
     loss.py          lesson 1   cross_entropy, perplexity
     optimizers.py    lesson 2   SGD, AdamW
-    schedules.py     lesson 3   cosine_lr, linear_lr, CosineScheduler, the LR of one update
+    schedules.py     lesson 3   cosine_lr, linear_lr, wsd_lr, CosineScheduler, the LR of one update
     clipping.py      lesson 4   clip_grad_norm
     devices.py       lesson 4   pick_device, mixed precision (autocast), unwrap
     doctor.py        lesson 4   diagnose: what went wrong in a run, and what to try

@@ -1,5 +1,6 @@
-"""Lesson 3: learning-rate schedules (warmup, then cosine or linear decay), as plain functions and as
-a torch LRScheduler; and the LR of one update of train(), over updates or over a time budget."""
+"""Lesson 3: learning-rate schedules (warmup, then cosine or linear decay, or warmup-stable-decay), as
+plain functions and as a torch LRScheduler; and the LR of one update of train(), over updates or over a
+time budget."""
 from __future__ import annotations
 
 import math
@@ -45,6 +46,37 @@ def linear_lr(step: int, *, max_lr: float, min_lr: float, warmup_steps: int, tot
     if step >= total_steps:
         return min_lr
     return linear_decay((step - warmup_steps) / (total_steps - warmup_steps), max_lr, min_lr)
+
+
+def wsd_lr(step: int, *, max_lr: float, min_lr: float, warmup_steps: int, cooldown_steps: int,
+           total_steps: int) -> float:
+    """Warmup-stable-decay: linear warmup to max_lr, max_lr held, then a "1-sqrt" cooldown to min_lr over
+    the last cooldown_steps steps (Hägele et al., 2024, "Scaling Laws and Compute-Optimal Training Beyond
+    Fixed Training Durations").
+
+    step < warmup_steps:                      max_lr * step / warmup_steps   (0 at step 0)
+    step < total_steps - cooldown_steps:      max_lr
+    step < total_steps:                       min_lr + (max_lr - min_lr) * (1 - sqrt(progress))
+                                              with progress = (step - (total_steps - cooldown_steps)) / cooldown_steps
+    step >= total_steps:                      min_lr
+
+    The stable phase makes a run extendable: a checkpoint taken before the cooldown can go on at max_lr.
+    Needs warmup_steps + cooldown_steps <= total_steps.
+    """
+    check_schedule(step, max_lr, min_lr, warmup_steps, total_steps)
+    if isinstance(cooldown_steps, bool) or not isinstance(cooldown_steps, int) or cooldown_steps < 0:
+        raise ValueError(f"cooldown_steps must be a non-negative int, got {cooldown_steps!r}")
+    if warmup_steps + cooldown_steps > total_steps:
+        raise ValueError(f"warmup_steps + cooldown_steps ({warmup_steps} + {cooldown_steps}) must not exceed "
+                         f"total_steps ({total_steps})")
+    if step >= total_steps:
+        return min_lr
+    if step < warmup_steps:
+        return max_lr * step / warmup_steps
+    cooldown_start = total_steps - cooldown_steps
+    if step < cooldown_start:
+        return max_lr
+    return min_lr + (max_lr - min_lr) * (1.0 - math.sqrt((step - cooldown_start) / cooldown_steps))
 
 
 def cosine_decay(progress: float, max_lr: float, min_lr: float) -> float:

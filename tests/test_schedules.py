@@ -1,10 +1,10 @@
-"""cosine_lr, linear_lr and CosineScheduler: boundary values, per-group base LRs, resume."""
+"""cosine_lr, linear_lr, wsd_lr and CosineScheduler: boundary values, per-group base LRs, resume."""
 import math
 
 import pytest
 import torch
 
-from training import CosineScheduler, cosine_lr, linear_lr
+from training import CosineScheduler, cosine_lr, linear_lr, wsd_lr
 
 SETTINGS = dict(max_lr=1e-3, min_lr=1e-4, warmup_steps=10, total_steps=110)
 
@@ -125,3 +125,23 @@ def test_scheduler_is_an_lr_scheduler():
 def test_scheduler_rejects_warmup_longer_than_total():
     with pytest.raises(ValueError, match="warmup_steps"):
         CosineScheduler(make_optimizer(), warmup_steps=10, total_steps=5)
+
+
+WSD = dict(max_lr=1e-3, min_lr=1e-4, warmup_steps=10, cooldown_steps=40, total_steps=110)
+
+
+def test_wsd_hand_values():
+    assert wsd_lr(0, **WSD) == 0.0 and wsd_lr(5, **WSD) == pytest.approx(5e-4, rel=1e-12)  # warmup
+    assert wsd_lr(10, **WSD) == wsd_lr(69, **WSD) == wsd_lr(70, **WSD) == 1e-3  # stable, up to the cooldown's start
+    # a quarter of the way through the cooldown: 1 - sqrt(1/4) = 1/2 of the way down
+    assert wsd_lr(80, **WSD) == pytest.approx(1e-4 + 9e-4 * 0.5, rel=1e-12)
+    assert wsd_lr(110, **WSD) == wsd_lr(10_000, **WSD) == 1e-4
+    assert wsd_lr(50, **dict(WSD, cooldown_steps=0)) == 1e-3 and wsd_lr(110, **dict(WSD, cooldown_steps=0)) == 1e-4
+
+
+@pytest.mark.parametrize("override, name", [(dict(cooldown_steps=-1), "cooldown_steps"),
+                                            (dict(cooldown_steps=101), "cooldown_steps"),
+                                            (dict(cooldown_steps=2.0), "cooldown_steps")])
+def test_wsd_bad_cooldown_raises_naming_it(override, name):
+    with pytest.raises(ValueError, match=name):
+        wsd_lr(3, **{**WSD, **override})
