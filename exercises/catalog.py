@@ -22,11 +22,12 @@ class Exercise:
 
 
 EXERCISES = (
-    Exercise(1, "cross-entropy", "Stable cross-entropy", "cross_entropy", "check_cross_entropy"),
+    Exercise(1, "cross-entropy", "Cross-entropy with a hand-written backward", "CrossEntropy", "check_cross_entropy"),
     Exercise(2, "adamw", "One AdamW step", "AdamW", "check_adamw"),
-    Exercise(3, "clip-grad-norm", "Global-norm gradient clipping", "clip_grad_norm", "check_clip_grad_norm"),
-    Exercise(4, "cosine-schedule", "Warmup + cosine schedule", "cosine_lr", "check_cosine_schedule"),
-    Exercise(5, "linear-schedule", "Warmup + linear decay schedule", "linear_lr", "check_linear_schedule"),
+    Exercise(3, "clip-grad-norm", "Gradient clipping in every norm, as clip_grad_norm_", "clip_grad_norm",
+             "check_clip_grad_norm"),
+    Exercise(4, "cosine-schedule", "Warmup + cosine over steps or a time budget", "cosine_lr", "check_cosine_schedule"),
+    Exercise(5, "wsd-schedule", "Warmup-stable-decay with a 1-sqrt cooldown", "wsd_lr", "check_wsd_schedule"),
     Exercise(6, "lr-finder", "Learning-rate range finder", "lr_finder", "check_lr_finder"),
     Exercise(7, "early-stopping", "Validation and early stopping", "train_with_early_stopping",
              "check_early_stopping"),

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import training
-from m07_training.schedules import cosine_decay, linear_decay
+from m07_training.schedules import cosine_decay, cosine_lr, wsd_lr
 from course import colab
 from exercises import checks
 from exercises.catalog import EXERCISES
@@ -70,15 +70,28 @@ def test_solution_passes_its_check(slug):
     check(slug)(load(slug))
 
 
+def library_copy(*functions):
+    """The library's functions compiled afresh from their source (calling the library's own is refused), in one
+    namespace; the arguments' validation they call (check_schedule, in the refused file too) as a no-op."""
+    namespace = {"math": math, "check_schedule": lambda *args: None}
+    for function in functions:
+        exec(textwrap.dedent(inspect.getsource(function)), namespace)
+    return namespace
+
+
 def test_the_schedule_references_pass_their_checks():
-    """training.py's schedules, compiled afresh from their source (calling them is refused), pass."""
-    for schedule, check_schedule in ((training.cosine_lr, checks.check_cosine_schedule),
-                                     (training.linear_lr, checks.check_linear_schedule)):
-        namespace = {"math": math, "check_schedule": lambda *args: None}
-        for function in (cosine_decay, linear_decay, schedule):  # the curves they share
-            exec(textwrap.dedent(inspect.getsource(function)), namespace)
-        check_schedule(lambda step, max_lr, min_lr, warmup_steps, total_steps, copy=namespace[schedule.__name__]:
-                       copy(step, max_lr=max_lr, min_lr=min_lr, warmup_steps=warmup_steps, total_steps=total_steps))
+    """The library's curves, compiled afresh, pass: the lower of cosine_lr and cosine_decay over the budget (as
+    lr_of_update lays them), and wsd_lr."""
+    cosine = library_copy(cosine_decay, cosine_lr)
+    checks.check_cosine_schedule(
+        lambda step, max_lr, min_lr, warmup_steps, total_steps, budget_used:
+        min(cosine["cosine_lr"](step, max_lr=max_lr, min_lr=min_lr, warmup_steps=warmup_steps, total_steps=total_steps),
+            cosine["cosine_decay"](min(budget_used, 1.0), max_lr, min_lr)))
+    wsd = library_copy(wsd_lr)["wsd_lr"]
+    checks.check_wsd_schedule(
+        lambda step, max_lr, min_lr, warmup_steps, cooldown_steps, total_steps:
+        wsd(step, max_lr=max_lr, min_lr=min_lr, warmup_steps=warmup_steps, cooldown_steps=cooldown_steps,
+            total_steps=total_steps))
 
 
 @pytest.mark.parametrize("slug", EXERCISE)
@@ -120,54 +133,53 @@ def edit(*replacements):
     return replacements
 
 
-# The two schedule references share their warmup, decay-start and clamp lines, so the same
-# mistakes apply to both.
-SCHEDULE_MUTANTS = [
-    ("warmup off by one", edit(("max_lr * step / warmup_steps", "max_lr * (step + 1) / warmup_steps")),
-     "warmup is off by one: expected lr 0 at step 0"),
-    ("decay starts at step 0", edit(("(step - warmup_steps) / (total_steps - warmup_steps)", "step / total_steps")),
-     "the decay must start at warmup_steps"),
-    ("no clamp past total_steps", edit(("    if step >= total_steps:\n        return min_lr\n", "")),
-     "past total_steps the LR stays at min_lr"),
-    ("divides by zero without warmup", edit(("if step < warmup_steps:", "if step <= warmup_steps:")),
-     "with warmup_steps=0 there is no warmup"),
-    ("progress computed before the branches (divides by zero when warmup_steps == total_steps)",
-     edit(("    progress = (step - warmup_steps) / (total_steps - warmup_steps)\n    return", "    return"),
-          ("    if step < warmup_steps:\n", "    progress = (step - warmup_steps) / (total_steps - warmup_steps)\n"
-                                         "    if step < warmup_steps:\n")),
-     "with warmup_steps == total_steps there is no decay: test step >= total_steps"),
-]
-
 MUTANTS = {
     "cross-entropy": [
         ("softmax overflow without max subtraction",
-         edit(("row_max.squeeze(-1) + torch.log(torch.exp(logits - row_max)", "torch.log(torch.exp(logits)")),
+         edit(("exp = torch.exp(logits - row_max)", "exp = torch.exp(logits)"),
+              ("(row_max + torch.log(sum_exp))", "(torch.log(sum_exp))")),
          r"softmax overflowed: exp\(1e4\) is inf"),
-        ("summed instead of averaged", edit((".mean()", ".sum()")), "you summed the per-row losses"),
-        ("sign flipped", edit(("(logsumexp - target_logits)", "(target_logits - logsumexp)")),
-         "the sign is flipped"),
+        ("summed instead of averaged", edit(("(logsumexp - target_logits).mean()", "(logsumexp - target_logits).sum()")),
+         "you summed the per-row losses"),
+        ("sign flipped", edit(("(logsumexp - target_logits)", "(target_logits - logsumexp)")), "the sign is flipped"),
         ("per-row losses returned", edit((".mean()", "")), "you returned one loss per row"),
         ("logits[:, targets] picks a block", edit(("logits[torch.arange(len(targets)), targets]",
                                                    "logits[:, targets]")), r"picks an N x N block"),
-        ("log of softmax underflows", edit(("return (logsumexp - target_logits).mean()",
-                                            "return -torch.log(torch.softmax(logits, -1)"
-                                            "[torch.arange(len(targets)), targets]).mean()")),
-         "not finite|overflowed|underflowed"),
+        ("max taken over the batch, not per row",
+         edit(("logits.max(dim=-1, keepdim=True).values", "logits.max()")), "not the max of the whole batch"),
+        ("modifies logits in place", edit(("torch.exp(logits - row_max)", "torch.exp(logits.sub_(row_max))")),
+         "changed `logits` in place"),
+        ("forward returns a Python float", edit((".mean()", ".mean().item()")), "return a torch.Tensor"),
         ("calls F.cross_entropy", edit(("return (logsumexp - target_logits).mean()",
                                         "return torch.nn.functional.cross_entropy(logits, targets)")),
          "refused: your code called `torch.nn.functional.cross_entropy`"),
-        ("returns a Python float", edit((".mean()", ".mean().item()")), "return a torch.Tensor"),
-        ("detached from autograd", edit((".mean()", ".mean().detach()")), "cut off from the autograd graph"),
-        ("modifies logits in place", edit(("torch.exp(logits - row_max)", "torch.exp(logits.sub_(row_max))")),
-         "changed `logits` in place"),
-        ("max taken over the batch, not per row",
-         edit(("logits.max(dim=-1, keepdim=True).values", "logits.max()")), "not the max of the whole batch"),
-        ("mean over dim 0 of an [N, 1] tensor", edit(("return (logsumexp - target_logits).mean()",
-                                                      "return (logsumexp - target_logits)[:, None].mean(dim=0)")),
-         r"return a 0-dim tensor \(shape \[\]\), got shape \[1\]"),
-        ("shift by max |x| (underflows, no overflow)",
-         edit(("logits.max(dim=-1, keepdim=True).values", "logits.abs().max(dim=-1, keepdim=True).values")),
-         r"exp\(\) underflowed.*not max \|x\|"),
+        ("not an autograd.Function", edit(("class CrossEntropy(torch.autograd.Function):", "class CrossEntropy:")),
+         r"write CrossEntropy as a torch.autograd.Function subclass"),
+        ("backward not divided by N", edit(("grad * (grad_output / n)", "grad * grad_output")),
+         r"the gradient is N = \d+ times too large"),
+        ("backward ignores grad_output", edit(("grad * (grad_output / n)", "grad / n")),
+         r"backward ignores its argument, the incoming gradient .*\(2.5 here\)"),
+        ("backward with the wrong sign", edit(("return grad * (grad_output / n)", "return -grad * (grad_output / n)")),
+         "the gradient has the wrong sign"),
+        ("backward without the one-hot", edit(("        grad[torch.arange(n), targets] -= 1\n", "")),
+         "subtract the one-hot of the targets"),
+        ("grad[:, targets] in backward", edit(("grad[torch.arange(n), targets] -= 1", "grad[:, targets] -= 1")),
+         r"grad\[:, targets\] subtracts 1 at every row's target"),
+        ("backward returns one gradient, not one per input", edit(("grad * (grad_output / n), None", "grad * (grad_output / n)")),
+         r"returned an incorrect number of gradients.*Hint: backward returns one gradient per input of forward"),
+        ("naive softmax in backward",
+         edit(("ctx.save_for_backward(exp / sum_exp, targets)", "ctx.save_for_backward(logits, targets)"),
+              ("grad = softmax.clone()", "grad = softmax.exp() / softmax.exp().sum(-1, keepdim=True)")),
+         r"the gradient is not finite for logits of magnitude 1e4.*exp\(x - m\)"),
+        ("autograd inside backward",
+         edit(("ctx.save_for_backward(exp / sum_exp, targets)", "ctx.save_for_backward(logits, targets)"),
+              ("        grad = softmax.clone()", "        with torch.enable_grad():\n"
+                                                "            x = softmax.detach().requires_grad_()\n"
+                                                "            logsumexp = x.exp().sum(-1).log()\n"
+                                                "            (grad,) = torch.autograd.grad((logsumexp - x[torch.arange(n), "
+                                                "targets]).sum(), x)\n        grad = grad.clone()"),
+              ("        grad[torch.arange(n), targets] -= 1\n", "")),
+         r"^refused: your code called `torch\.(enable_grad|autograd\.grad)`"),
     ],
     "adamw": [
         ("weight decay applied to the gradient (L2, as in Adam)",
@@ -248,71 +260,113 @@ MUTANTS = {
          "the first step of parameter 0 is right but that of parameter 1 is not"),
     ],
     "clip-grad-norm": [
+        ("the 2-norm whatever norm_type is (lesson 4's)", edit(("norm_type = float(norm_type)", "norm_type = 2.0")),
+         r"norm_type=1, but yours is the 2-norm"),
+        ("norm_type=inf through the power formula", edit(("if norm_type == math.inf:", "if False:")),
+         r"norm_type=inf is the largest \|g\|.*g.abs\(\).max\(\)"),
+        ("no absolute value", edit(("g.abs().pow(norm_type)", "g.pow(norm_type)")), r"sums \|g\|\^p, with the absolute value"),
+        ("sum of the per-parameter norms", edit(("total_norm = norms.pow(norm_type).sum().pow(1 / norm_type)",
+                                                "total_norm = norms.sum()")), "not their sum"),
+        ("per-parameter norms combined as a 2-norm", edit(("norms.pow(norm_type).sum().pow(1 / norm_type)",
+                                                          "norms.pow(2).sum().sqrt()")),
+         "combine the per-parameter norms with the same norm_type"),
+        ("no p-th root", edit(("total_norm = norms.pow(norm_type).sum().pow(1 / norm_type)",
+                               "total_norm = norms.pow(norm_type).sum()")), r"you returned the sum of \|g\|\^p"),
         ("norm per parameter, each clipped on its own",
-         edit(("norm = torch.sqrt(sum((g ** 2).sum() for g in grads))\n    if norm > max_norm:\n"
-               "        scale = max_norm / (norm + 1e-6)\n        for g in grads:\n            g.mul_(scale)",
-               "for g in grads:\n        norm = g.norm()\n        if norm > max_norm:\n"
-               "            g.mul_(max_norm / (norm + 1e-6))")),
+         edit(("    scale = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)", "    norms = [g.norm() for g in grads]"),
+              ("    for g in grads:\n        g.mul_(scale)", "    for g, n in zip(grads, norms):\n"
+                                                           "        g.mul_(torch.clamp(max_norm / (n + 1e-6), max=1.0))")),
          "norm computed per parameter, not globally"),
-        ("missing clip condition", edit(("if norm > max_norm:", "if True:")),
-         "scale only when norm > max_norm"),
-        ("returns the norm after clipping", edit(("    return norm", "    return torch.sqrt(sum((g ** 2).sum() "
-                                                  "for g in grads))")), "return the norm before clipping"),
-        ("sum of the norms", edit(("torch.sqrt(sum((g ** 2).sum() for g in grads))", "sum(g.norm() for g in grads)")),
-         "not the sum of the norms"),
-        ("no square root", edit(("torch.sqrt(sum((g ** 2).sum() for g in grads))", "sum((g ** 2).sum() for g in grads)")),
-         "sum of squares"),
+        ("coefficient not clamped at 1", edit(("torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)",
+                                               "max_norm / (total_norm + 1e-6)")), "clipping even though the norm"),
+        ("returns the norm after clipping", edit(("    return total_norm", "    return total_norm * scale")),
+         "return the norm before clipping"),
+        ("no eps in the scale", edit(("max_norm / (total_norm + 1e-6)", "max_norm / total_norm")), "with the 1e-6"),
         ("not in place", edit(("g.mul_(scale)", "g = g * scale")), "scale them in place"),
-        ("does not skip .grad None", edit(("if p.grad is not None]", "]")), "skip parameters whose .grad is None"),
-        ("returns a float", edit(("    return norm", "    return norm.item()")), "0-dim tensor"),
-        ("calls torch.nn.utils.clip_grad_norm_",
-         edit(("    grads = [", "    return torch.nn.utils.clip_grad_norm_(parameters, max_norm)\n    grads = [")),
-         "refused: your code called `torch.nn.utils.clip_grad"),
-        ("scales by norm / max_norm", edit(("max_norm / (norm + 1e-6)", "(norm + 1e-6) / max_norm")),
-         "wrong clipped gradient"),
-        ("no eps in the scale", edit(("max_norm / (norm + 1e-6)", "max_norm / norm")), "with the 1e-6"),
-        ("inverted condition", edit(("if norm > max_norm:", "if norm < max_norm:")), "the condition is inverted"),
         ("rebinds p.grad to a new tensor",
          edit(("    grads = [p.grad for p in parameters if p.grad is not None]",
                "    params = [p for p in parameters if p.grad is not None]\n    grads = [p.grad for p in params]"),
-              ("        for g in grads:\n            g.mul_(scale)",
-               "        for p in params:\n            p.grad = p.grad * scale")),
+              ("    for g in grads:\n        g.mul_(scale)", "    for p in params:\n        p.grad = p.grad * scale")),
          r"the values are right but parameter 0's .grad is a new tensor.*Clip in place, p.grad.mul_\(scale\)"),
+        ("does not skip .grad None", edit(("if p.grad is not None]", "]")), "skip parameters whose .grad is None"),
+        ("no gradients at all", edit(("    if not grads:\n        return torch.tensor(0.0)\n", "")),
+         r"parameters none of which has a gradient.*Hint: with no gradients at all, return torch.tensor\(0.0\)"),
+        ("returns a float", edit(("    return total_norm", "    return total_norm.item()")), "0-dim tensor"),
+        ("error_if_nonfinite ignored", edit(("if error_if_nonfinite and not torch.isfinite(total_norm):", "if False:")),
+         "with error_if_nonfinite=True and a norm that is not finite, raise a RuntimeError"),
+        ("raises on a non-finite norm without error_if_nonfinite",
+         edit(("if error_if_nonfinite and not torch.isfinite(total_norm):", "if not torch.isfinite(total_norm):")),
+         "with error_if_nonfinite=False a non-finite norm is no error"),
+        ("raises a ValueError", edit(("raise RuntimeError(", "raise ValueError(")), "raise a RuntimeError.*not a ValueError"),
+        ("raises after clipping",
+         edit(("    if error_if_nonfinite and not torch.isfinite(total_norm):\n", ""),
+              ('        raise RuntimeError(f"the total norm of order {norm_type} of the gradients is {total_norm.item()}: "\n'
+               '                           f"not finite, so it cannot be clipped")\n', ""),
+              ("    return total_norm", "    if error_if_nonfinite and not torch.isfinite(total_norm):\n"
+                                      "        raise RuntimeError('not finite')\n    return total_norm")),
+         "raise before clipping"),
+        ("calls torch.nn.utils.clip_grad_norm_",
+         edit(("    grads = [", "    return torch.nn.utils.clip_grad_norm_(parameters, max_norm)\n    grads = [")),
+         "refused: your code called `torch.nn.utils.clip_grad"),
         # skips grad-less parameters; its None is its own: the message must not tell it to skip them
         ("a None accumulator of its own",
-         edit(("    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))",
-               "    total = None\n    for g in grads:\n        total = total + (g ** 2).sum()\n"
-               "    norm = torch.sqrt(total)")),
+         edit(("        norms = torch.stack(", "        total = None\n        for g in grads:\n"
+                                              "            total = total + g.abs().sum()\n        norms = torch.stack(")),
          r"^(?!.*skip parameters).*raised TypeError.*NoneType.*at line"),
     ],
     "cosine-schedule": [
-        *SCHEDULE_MUTANTS,
-        ("decays to 0, not min_lr", edit(("min_lr + (max_lr - min_lr) * 0.5", "max_lr * 0.5")),
-         "ends at 0 instead of min_lr"),
-        ("returns a tensor (torch.cos)", edit(("math.cos(math.pi * progress)",
-                                               "__import__('torch').cos(__import__('torch').tensor(math.pi * "
-                                               "progress))")), "return a plain float"),
-        ("cosine without pi", edit(("math.cos(math.pi * progress)", "math.cos(progress)")),
-         "wrong LR during the decay"),
-        ("full cosine period", edit(("math.cos(math.pi * progress)", "math.cos(2 * math.pi * progress)")),
-         "wrong LR during the decay"),
-        ("warmup from min_lr", edit(("max_lr * step / warmup_steps", "min_lr + (max_lr - min_lr) * step / warmup_steps")),
-         "during warmup the LR rises linearly"),
-        ("1 - cos: wrong from warmup_steps on", edit(("(1 + math.cos(", "(1 - math.cos(")),
+        ("warmup off by one", edit(("max_lr * step / warmup_steps", "max_lr * (step + 1) / warmup_steps")),
+         "warmup is off by one: expected lr 0 at step 0"),
+        ("decay starts at step 0", edit(("(step - warmup_steps) / (total_steps - warmup_steps)", "step / total_steps")),
+         "the decay must start at warmup_steps"),
+        ("no clamp past total_steps", edit(("    if step >= total_steps:\n        by_steps = min_lr\n    elif step <",
+                                            "    if step <")),
+         "past total_steps the LR stays at min_lr"),
+        ("divides by zero without warmup", edit(("elif step < warmup_steps:", "elif step <= warmup_steps:")),
+         "with warmup_steps=0 there is no warmup"),
+        ("decays to 0, not min_lr", edit(("by_steps = min_lr + (max_lr - min_lr) * 0.5", "by_steps = max_lr * 0.5")),
+         "the decay ends at 0 instead of min_lr"),
+        ("1 - cos: wrong from warmup_steps on", edit(("(1 + math.cos(math.pi * progress))", "(1 - math.cos(math.pi * progress))")),
          "wrong LR from step warmup_steps on"),
+        ("returns a tensor (torch.cos)", edit(("math.cos(math.pi * used)",
+                                               "__import__('torch').cos(__import__('torch').tensor(math.pi * used))")),
+         "return a plain float"),
+        ("the budget ignored (lesson 3's schedule)", edit(("return min(by_steps, by_time)", "return by_steps")),
+         "budget_used is ignored"),
+        ("the budget alone", edit(("return min(by_steps, by_time)", "return by_time")),
+         "you followed the time budget alone"),
+        ("the higher of the two curves", edit(("return min(by_steps, by_time)", "return max(by_steps, by_time)")),
+         r"take the lower of the two curves \(min\), not the higher"),
+        ("budget_used not clamped at 1", edit(("used = min(budget_used, 1.0)", "used = budget_used")),
+         r"budget_used can pass 1.*clamp it, min\(budget_used, 1\)"),
+        ("the time curve decays to 0", edit(("by_time = min_lr + (max_lr - min_lr) * 0.5", "by_time = max_lr * 0.5")),
+         "the curve over the budget ends at 0 instead of min_lr"),
+        ("the time curve is linear", edit(("0.5 * (1 + math.cos(math.pi * used))", "(1 - used)")),
+         "wrong LR once part of the budget is used"),
     ],
-    "linear-schedule": [
-        *SCHEDULE_MUTANTS,
-        ("decays to 0, not min_lr", edit(("max_lr + (min_lr - max_lr) * progress", "max_lr * (1 - progress)")),
-         "ends at 0 instead of min_lr"),
-        ("decay length ignores warmup", edit(("/ (total_steps - warmup_steps)", "/ total_steps")),
-         "wrong LR during the decay"),
-        ("warmup reaches max_lr one step early", edit(("max_lr * step / warmup_steps",
-                                                       "max_lr * min(1, (step + 1) / warmup_steps)")),
-         "warmup is off by one"),
-        ("line from min_lr up to max_lr", edit(("max_lr + (min_lr - max_lr) * progress",
-                                                "min_lr + (max_lr - min_lr) * progress")),
-         "wrong LR from step warmup_steps on"),
+    "wsd-schedule": [
+        ("warmup off by one", edit(("max_lr * step / warmup_steps", "max_lr * (step + 1) / warmup_steps")),
+         "warmup is off by one: expected lr 0 at step 0"),
+        ("divides by zero without warmup", edit(("if step < warmup_steps:", "if step <= warmup_steps:")),
+         "with warmup_steps=0 there is no warmup"),
+        ("no clamp past total_steps", edit(("    if step >= total_steps:  # first: with cooldown_steps = 0 the formula "
+                                            "below would divide by 0\n        return min_lr\n", "")),
+         "past total_steps the LR stays at min_lr"),
+        ("a linear cooldown", edit(("(1 - math.sqrt(progress))", "(1 - progress)")), "the cooldown is linear"),
+        ("sqrt(1 - progress)", edit(("(1 - math.sqrt(progress))", "math.sqrt(1 - progress)")),
+         r"sqrt\(1 - progress\) is not 1 - sqrt\(progress\)"),
+        ("no stable phase: the cooldown starts after the warmup",
+         edit(("    if step < cooldown_start:\n        return max_lr\n", ""),
+              ("(step - cooldown_start) / cooldown_steps", "(step - warmup_steps) / (total_steps - warmup_steps)")),
+         "there is no stable phase"),
+        ("cooldown ends at 0, not min_lr", edit(("min_lr + (max_lr - min_lr) * (1", "max_lr * (1")),
+         "the cooldown ends at 0 instead of min_lr"),
+        ("cooldown off by one", edit(("(step - cooldown_start) / cooldown_steps", "(step - cooldown_start + 1) / cooldown_steps")),
+         "the cooldown is off by one"),
+        ("cooldown progress over the whole run", edit(("/ cooldown_steps  #", "/ total_steps  #")),
+         "wrong LR during the cooldown"),
+        ("returns a tensor (torch.sqrt)", edit(("math.sqrt(progress)", "__import__('torch').tensor(progress).sqrt()")),
+         "return a plain float"),
     ],
     "lr-finder": [
         ("linear sweep, not exponential", edit(("start_lr * growth ** (i / (num_steps - 1))",
@@ -602,12 +656,25 @@ def test_every_exercise_has_several_mutants():
 # Candidates that raise, return nonsense or never return
 # ----------------------------------------------------------------------------------------
 
+def function_returning(forward):
+    """A torch.autograd.Function whose forward is `forward(logits, targets)`, for exercise 1's check."""
+    class CrossEntropy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, targets):
+            return forward(logits, targets)
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return None, None
+    return CrossEntropy
+
+
 def test_a_candidate_that_raises_gets_the_error_and_its_line():
-    def cross_entropy(logits, targets):
+    def forward(logits, targets):
         return logits.sum() / 0 + undefined_name  # noqa: F821
 
-    with pytest.raises(ExerciseFailed, match=r"cross_entropy raised NameError: .*undefined_name.*at line"):
-        checks.check_cross_entropy(cross_entropy)
+    with pytest.raises(ExerciseFailed, match=r"CrossEntropy.apply raised NameError: .*undefined_name.*at line"):
+        checks.check_cross_entropy(function_returning(forward))
 
 
 @pytest.mark.parametrize("returned, message", [
@@ -616,7 +683,12 @@ def test_a_candidate_that_raises_gets_the_error_and_its_line():
 ])
 def test_a_candidate_with_the_wrong_return_type_or_shape(returned, message):
     with pytest.raises(ExerciseFailed, match=message):
-        checks.check_cross_entropy(lambda logits, targets: returned)
+        checks.check_cross_entropy(function_returning(lambda logits, targets: returned))
+
+
+def test_a_function_is_not_an_autograd_function():
+    with pytest.raises(ExerciseFailed, match="write CrossEntropy as a torch.autograd.Function subclass"):
+        checks.check_cross_entropy(lambda logits, targets: logits.sum())
 
 
 @pytest.mark.parametrize("check_name, candidate", [
@@ -639,7 +711,7 @@ def test_adamw_must_be_an_optimizer_class_written_by_the_learner():
 
 def test_passing_a_call_instead_of_the_function_is_explained():
     with pytest.raises(ExerciseFailed, match="pass your function itself"):
-        checks.check_linear_schedule(0.001)
+        checks.check_wsd_schedule(0.001)
 
 
 @pytest.mark.parametrize("check_name, candidate", [
@@ -676,36 +748,66 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 """
 
+CE_CLASS = """\
+class CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets):
+{forward}
+
+    @staticmethod
+    def backward(ctx, grad_output):
+{backward}
+"""
+
+
+def cross_entropy_class(forward, backward="return None, None", before=""):
+    """An exercise 1 answer: `before` (module-level lines), then the class with these bodies."""
+    indent = lambda body: textwrap.indent(body, " " * 8)  # noqa: E731
+    return before + CE_CLASS.format(forward=indent(forward), backward=indent(backward))
+
+
 # (exercise, answer that hides the call from a reading of the source, the function the guard names)
 HIDDEN_CALLS = [
-    ("cross-entropy", "import torch.nn.functional as F\nhidden = getattr(F, 'cross_' + 'entropy')\n\n"
-                      "def cross_entropy(logits, targets):\n    return hidden(logits, targets)",
+    ("cross-entropy", cross_entropy_class("return hidden(logits, targets)", before="import torch.nn.functional as F\n"
+                                          "hidden = getattr(F, 'cross_' + 'entropy')\n\n"),
      "torch.nn.functional.cross_entropy"),
-    ("cross-entropy", "from training import cross_entropy as reference\n\n"
-                      "def cross_entropy(logits, targets):\n    return reference(logits, targets)", "training.cross_entropy"),
-    ("cross-entropy", "special = torch.special\n\ndef cross_entropy(logits, targets):\n"
-                      "    return -special.log_softmax(logits, -1)[torch.arange(len(targets)), targets].mean()",
+    ("cross-entropy", cross_entropy_class("return reference(logits, targets)",
+                                          before="from training import cross_entropy as reference\n\n"),
+     "training.cross_entropy"),
+    ("cross-entropy", cross_entropy_class("return -special.log_softmax(logits, -1)[torch.arange(len(targets)), "
+                                          "targets].mean()", before="special = torch.special\n\n"),
      "torch.special.log_softmax"),
-    ("cross-entropy", "def cross_entropy(logits, targets):\n"
-                      "    return -logits.log_softmax(-1)[torch.arange(len(targets)), targets].mean()",
+    ("cross-entropy", cross_entropy_class("return -logits.log_softmax(-1)[torch.arange(len(targets)), targets].mean()"),
      "Tensor.log_softmax"),
-    ("cross-entropy", "def cross_entropy(logits, targets):\n    try:\n"
-                      "        return torch.nn.functional.cross_entropy(logits, targets)\n    except:\n"
-                      "        return logits.sum()", "torch.nn.functional.cross_entropy"),  # a swallowed refusal
+    ("cross-entropy", cross_entropy_class("try:\n    return torch.nn.functional.cross_entropy(logits, targets)\n"
+                                          "except:\n    return logits.sum()"),
+     "torch.nn.functional.cross_entropy"),  # a swallowed refusal
+    ("cross-entropy", cross_entropy_class("import torch.special as s\nreturn (s.logsumexp(logits, -1) - "
+                                          "logits[torch.arange(len(targets)), targets]).mean()"),
+     "torch.special.logsumexp"),  # a C function of a banned module stays banned
+    # a right forward, and a backward that differentiates it with autograd, behind a helper
+    ("cross-entropy", cross_entropy_class(
+        "ctx.save_for_backward(logits, targets)\nm = logits.max(-1, keepdim=True).values\n"
+        "return (m.squeeze(-1) + (logits - m).exp().sum(-1).log() - logits[torch.arange(len(targets)), "
+        "targets]).mean()",
+        "logits, targets = ctx.saved_tensors\nreturn differentiate(logits, targets) * grad_output, None",
+        before="def differentiate(logits, targets):\n    x = logits.detach().requires_grad_()\n"
+               "    with torch.enable_grad():\n        m = x.max(-1, keepdim=True).values.detach()\n"
+               "        loss = (m.squeeze(-1) + (x - m).exp().sum(-1).log() - x[torch.arange(len(targets)), "
+               "targets]).mean()\n    return torch.autograd.grad(loss, x)[0]\n\n"),
+     "torch.enable_grad"),
     ("adamw", ADAMW_HEAD + "        self.hidden = torch.optim.AdamW(self.param_groups)\n\n"
                            "    def step(self, closure=None):\n        self.hidden.step()", "torch.optim.AdamW"),
     ("adamw", "import training\n\n" + ADAMW_HEAD + "\n    @torch.no_grad()\n    def step(self, closure=None):\n"
               "        for group in self.param_groups:\n            training.AdamW._step_loop(self, group, "
               "[p for p in group['params'] if p.grad is not None])", "training.AdamW"),
     ("clip-grad-norm", "from torch.nn.utils import clip_grad_norm_ as clip\n\n"
-                       "def clip_grad_norm(parameters, max_norm):\n    return clip(parameters, max_norm)",
+                       "def clip_grad_norm(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False):\n"
+                       "    return clip(parameters, max_norm, norm_type, error_if_nonfinite)",
      "torch.nn.utils.clip_grad"),
-    ("cross-entropy", "def cross_entropy(logits, targets):\n    import torch.special as s\n"
-                      "    return (s.logsumexp(logits, -1) - logits[torch.arange(len(targets)), targets]).mean()",
-     "torch.special.logsumexp"),  # a C function of a banned module stays banned
-    ("linear-schedule", "import training\n\ndef linear_lr(step, max_lr, min_lr, warmup_steps, total_steps):\n"
-                        "    return training.linear_lr(step, max_lr=max_lr, min_lr=min_lr, "
-                        "warmup_steps=warmup_steps, total_steps=total_steps)", "training.linear_lr"),
+    ("wsd-schedule", "import training\n\ndef wsd_lr(step, max_lr, min_lr, warmup_steps, cooldown_steps, total_steps):\n"
+                     "    return training.wsd_lr(step, max_lr=max_lr, min_lr=min_lr, warmup_steps=warmup_steps, "
+                     "cooldown_steps=cooldown_steps, total_steps=total_steps)", "training.wsd_lr"),
 ]
 
 
@@ -718,14 +820,16 @@ def test_a_hidden_call_of_what_the_exercise_rebuilds_is_refused(slug, answer, na
 BISECT_COSINE = """\
 import bisect
 
-def cosine_lr(step, max_lr, min_lr, warmup_steps, total_steps):
+def cosine_lr(step, max_lr, min_lr, warmup_steps, total_steps, budget_used):
     region = bisect.bisect_right([warmup_steps, total_steps], step)  # 0: warmup, 1: decay, 2: the end
     if region == 0:
-        return max_lr * step / warmup_steps
-    if region == 2:
-        return min_lr
-    progress = (step - warmup_steps) / (total_steps - warmup_steps)
-    return min_lr + (max_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+        by_steps = max_lr * step / warmup_steps
+    elif region == 2:
+        by_steps = min_lr
+    else:
+        progress = (step - warmup_steps) / (total_steps - warmup_steps)
+        by_steps = min_lr + (max_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    return min(by_steps, min_lr + (max_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(budget_used, 1.0))))
 """
 
 
@@ -754,36 +858,50 @@ FLOAT32_SCHEDULES = {
     "cosine-schedule": """\
 import torch
 
-def cosine_lr(step, max_lr, min_lr, warmup_steps, total_steps):
+def cosine_lr(step, max_lr, min_lr, warmup_steps, total_steps, budget_used):
+    def cosine(progress):
+        return float(min_lr + (max_lr - min_lr) * (1 + torch.cos(math.pi * torch.tensor(progress))) / 2)
+
     if step >= total_steps:
-        return min_lr
-    if step < warmup_steps:
-        return float(torch.tensor(max_lr) * step / warmup_steps)
-    progress = torch.tensor((step - warmup_steps) / (total_steps - warmup_steps))
-    return float(min_lr + (max_lr - min_lr) * (1 + torch.cos(math.pi * progress)) / 2)
+        by_steps = min_lr
+    elif step < warmup_steps:
+        by_steps = float(torch.tensor(max_lr) * step / warmup_steps)
+    else:
+        by_steps = cosine((step - warmup_steps) / (total_steps - warmup_steps))
+    return min(by_steps, cosine(min(budget_used, 1.0)))
 """,
-    "linear-schedule": """\
+    "wsd-schedule": """\
 import torch
 
-def linear_lr(step, max_lr, min_lr, warmup_steps, total_steps):
+def wsd_lr(step, max_lr, min_lr, warmup_steps, cooldown_steps, total_steps):
     if step >= total_steps:
         return min_lr
     if step < warmup_steps:
         return float(torch.tensor(max_lr) * step / warmup_steps)
-    progress = torch.tensor(step - warmup_steps) / (total_steps - warmup_steps)
-    return float(max_lr + (min_lr - max_lr) * progress)
+    if step < total_steps - cooldown_steps:
+        return max_lr
+    progress = torch.tensor(step - (total_steps - cooldown_steps)) / cooldown_steps
+    return float(min_lr + (max_lr - min_lr) * (1 - torch.sqrt(progress)))
 """,
+}
+# (arguments after step, the reference at them): where float32 cancels, near the end of a decay to min_lr = 0
+FLOAT32_CANCELS = {
+    "cosine-schedule": ((6e-4, 0.0, 100, 1000, 0.0),
+                        lambda step: training.cosine_lr(step, max_lr=6e-4, min_lr=0.0, warmup_steps=100,
+                                                        total_steps=1000)),
+    "wsd-schedule": ((6e-4, 0.0, 100, 200, 1000),
+                     lambda step: training.wsd_lr(step, max_lr=6e-4, min_lr=0.0, warmup_steps=100, cooldown_steps=200,
+                                                  total_steps=1000)),
 }
 
 
 @pytest.mark.parametrize("slug", FLOAT32_SCHEDULES)
 def test_a_schedule_computed_in_float32_passes(slug):
     """Near the end of a decay to min_lr = 0 a float32 answer is off by ~1e-3 relatively (cancellation in
-    1 + cos): the absolute floor relative to max_lr admits it."""
+    1 + cos, or 1 - sqrt): the absolute floor relative to max_lr admits it."""
     candidate = load(slug, FLOAT32_SCHEDULES[slug])
-    config = dict(max_lr=6e-4, min_lr=0.0, warmup_steps=100, total_steps=1000)
-    reference = {"cosine-schedule": training.cosine_lr, "linear-schedule": training.linear_lr}[slug]
-    assert not math.isclose(candidate(999, **config), reference(999, **config), rel_tol=1e-6)  # the case it is
+    arguments, reference = FLOAT32_CANCELS[slug]
+    assert not math.isclose(candidate(999, *arguments), reference(999), rel_tol=1e-6)  # the case it is
     check(slug)(candidate)
 
 
@@ -858,7 +976,7 @@ def test_a_docstring_that_names_a_notebook_is_not_refused():
     ("adamw", "import m07_training.muon as muon\nAdamW = muon.MuonWithAdamW"),
     ("clip-grad-norm", "from m07_training import clipping\nclip = clipping.clip_grad_norm"),
     ("cosine-schedule", "from m07_training.schedules import cosine_decay"),
-    ("linear-schedule", "from m07_training.schedules import linear_decay"),
+    ("wsd-schedule", "from m07_training.schedules import wsd_lr"),
 ])
 def test_the_library_files_behind_training_are_banned_too(slug, source):
     """training.X is a face: the file each exercise rebuilds is refused under its own name as well."""

@@ -9,13 +9,15 @@ kernel changes nothing.
 
 Candidates (the stubs in exercises/NN-*.ipynb have exactly these shapes):
 
-    check_cross_entropy(fn)      fn(logits [N, V], targets [N]) -> 0-dim tensor, the mean loss
+    check_cross_entropy(cls)     a torch.autograd.Function: cls.apply(logits [N, V], targets [N]) -> 0-dim tensor,
+                                 the mean loss, whose backward the learner writes
     check_adamw(cls)             cls(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
                                  a torch.optim.Optimizer whose step() the learner writes
-    check_clip_grad_norm(fn)     fn(parameters, max_norm) -> 0-dim tensor, the global norm
-                                 before clipping; gradients clipped in place
-    check_cosine_schedule(fn)    fn(step, max_lr, min_lr, warmup_steps, total_steps) -> float
-    check_linear_schedule(fn)    fn(step, max_lr, min_lr, warmup_steps, total_steps) -> float
+    check_clip_grad_norm(fn)     fn(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False) -> 0-dim
+                                 tensor, the global norm before clipping; gradients clipped in place, as
+                                 torch.nn.utils.clip_grad_norm_
+    check_cosine_schedule(fn)    fn(step, max_lr, min_lr, warmup_steps, total_steps, budget_used) -> float
+    check_wsd_schedule(fn)       fn(step, max_lr, min_lr, warmup_steps, cooldown_steps, total_steps) -> float
     check_lr_finder(fn)          fn(train_step, *, start_lr, end_lr, num_steps, diverge_factor)
                                  -> (lrs, losses, suggested_lr); see its docstring
     check_early_stopping(fn)     fn(model, train_step, evaluate, *, max_steps, eval_every, patience)
@@ -48,7 +50,7 @@ from exercises.checks.loss_scaler import check_loss_scaler
 from exercises.checks.lr_finder import check_lr_finder
 from exercises.checks.muon import check_muon
 from exercises.checks.resume import check_resume
-from exercises.checks.schedules import check_cosine_schedule, check_linear_schedule
+from exercises.checks.schedules import check_cosine_schedule, check_wsd_schedule
 
 # Set on this package by the grader (in the learner's kernel) and by the tests; the harness reads them
 # from here at every call.
@@ -58,7 +60,7 @@ WATCHDOG_NOTE = None  # set by the grader in its kernel: the file the watchdog w
 
 __all__ = [
     "ExerciseFailed", "TIME_LIMIT_S", "GRACE_S", "WATCHDOG_NOTE", "check_cross_entropy", "check_adamw",
-    "check_clip_grad_norm", "check_cosine_schedule", "check_linear_schedule", "check_lr_finder",
+    "check_clip_grad_norm", "check_cosine_schedule", "check_wsd_schedule", "check_lr_finder",
     "check_early_stopping", "check_label_smoothing", "check_grad_accumulation",
     "check_loss_scaler", "check_resume", "check_muon", "run", "run_to_file", "judge",
 ]

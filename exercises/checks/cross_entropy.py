@@ -1,4 +1,6 @@
-"""Exercise 1, cross-entropy: fn(logits [N, V], targets [N]) -> the mean loss, a 0-dim tensor."""
+"""Exercise 1, cross-entropy with a hand-written backward: a torch.autograd.Function whose
+apply(logits [N, V], targets [N]) is the mean loss, a 0-dim tensor, and whose backward returns
+(softmax - one_hot) / N times the incoming gradient."""
 from __future__ import annotations
 
 import math
@@ -7,7 +9,7 @@ import torch
 
 import training
 from exercises.checks.harness import (FLOAT32_ROUNDOFF, ExerciseFailed, call_candidate, expected_and_got, is_close,
-                                      on_input, register, require_callable, run_and_judge, type_name)
+                                      on_input, register, run_and_judge, tensor_differences, type_name)
 
 _SHIFT_UNDERFLOW = ("exp() underflowed: every exp(x - m) of a row rounded to 0, so log(sum) = log(0) = -inf. "
                     "m must be each row's own max logit (not max |x|, not the max of the whole batch): then the "
@@ -35,31 +37,56 @@ def _cases():
     ]
 
 
-def _gradient_case():
+def _gradient_cases():
+    """(case, logits, targets, the gradient of the final result with respect to the loss)."""
     g = torch.Generator().manual_seed(11)
-    return torch.randn(5, 7, generator=g), torch.randint(7, (5,), generator=g)
+    return [
+        ("random logits", torch.randn(5, 7, generator=g), torch.randint(7, (5,), generator=g), 1.0),
+        # backward receives 2.5, not 1: the loss is used further on (loss * 2.5, an accumulation's 1 / N, ...)
+        ("random logits and an incoming gradient of 2.5", torch.randn(6, 9, generator=g) * 3,
+         torch.randint(9, (6,), generator=g), 2.5),
+        ("logits of magnitude 1e4", torch.randn(4, 30, generator=g) * 1e4, torch.randint(30, (4,), generator=g), 1.0),
+        ("a vocabulary of 1000", torch.randn(16, 1000, generator=g), torch.randint(1000, (16,), generator=g), 0.5),
+    ]
 
 
-_IN_PLACE_HINT = (lambda e: "in-place" in str(e), "don't modify logits in place (`logits -= m`); write `logits - m`")
+_WRONG_GRADIENT_COUNT = (lambda e: "incorrect number of gradients" in str(e),
+                         "backward returns one gradient per input of forward, in order: (the gradient for logits, "
+                         "None), None for targets, which are integers")
+_WRONG_GRADIENT_SHAPE = (lambda e: "invalid gradient at index 0" in str(e),
+                         "the gradient for logits has the shape of logits, [N, V]")
+_IN_PLACE_HINT = (lambda e: "in-place" in str(e) or "modified by an inplace" in str(e),
+                  "don't modify logits in place (`logits -= m`); write `logits - m`")
 
 
-def _run_cross_entropy(fn, records, guard):
-    require_callable(fn, "cross_entropy")
+def _is_function(cls):
+    return isinstance(cls, type) and issubclass(cls, torch.autograd.Function)
+
+
+def _run_cross_entropy(cls, records, guard):
+    if not _is_function(cls):
+        got = "a class that does not subclass it" if isinstance(cls, type) else f"a {type_name(cls)}"
+        raise ExerciseFailed(f"write CrossEntropy as a torch.autograd.Function subclass, `class CrossEntropy("
+                             f"torch.autograd.Function)` with static forward and backward methods, and pass the "
+                             f"class itself to the check; got {got}")
     for case, logits, targets, _, _ in _cases():
         given = logits.clone()
-        got = call_candidate("cross_entropy", {"logits": logits, "targets": targets, "case": case}, fn, given,
-                             targets.clone(), guard=guard)
+        got = call_candidate("CrossEntropy.apply", {"logits": logits, "targets": targets, "case": case}, cls.apply,
+                             given, targets.clone(), guard=guard)
         records.append({"got": got, "changed": not torch.equal(given, logits)})
-    logits, targets = _gradient_case()
-    learner_logits = logits.clone().requires_grad_()
-    inputs = {"logits": logits, "targets": targets}
-    loss = call_candidate("cross_entropy", inputs, fn, learner_logits, targets, hints=[_IN_PLACE_HINT],
-                          guard=guard)
-    record = {"got": loss, "graph": torch.is_tensor(loss) and loss.grad_fn is not None, "grad": None}
-    if record["graph"] and loss.numel() == 1:
-        call_candidate("loss.backward()", inputs, loss.reshape(()).backward, guard=guard)
-        record["grad"] = learner_logits.grad
-    records.append(record)
+    for case, logits, targets, incoming in _gradient_cases():
+        learner_logits = logits.clone().requires_grad_()
+        inputs = {"logits": logits, "targets": targets, "case": case}
+        loss = call_candidate("CrossEntropy.apply", inputs, cls.apply, learner_logits, targets,
+                              hints=[_IN_PLACE_HINT], guard=guard)
+        node = getattr(loss, "grad_fn", None) if torch.is_tensor(loss) else None
+        record = {"got": loss, "graph": node is not None,
+                  "own_backward": node is not None and getattr(type(node), "_forward_cls", None) is cls, "grad": None}
+        if record["own_backward"] and loss.numel() == 1:
+            call_candidate("CrossEntropy.backward", inputs, loss.reshape(()).backward, torch.tensor(incoming),
+                           hints=[_WRONG_GRADIENT_COUNT, _WRONG_GRADIENT_SHAPE, _IN_PLACE_HINT], guard=guard)
+            record["grad"] = learner_logits.grad
+        records.append(record)
 
 
 def _judge_cross_entropy(records):
@@ -69,7 +96,7 @@ def _judge_cross_entropy(records):
         got = record["got"]
         _judge_loss_type(got, len(targets), inputs)
         if record["changed"]:
-            raise ExerciseFailed(f"your function changed `logits` in place{on_input(inputs)}: "
+            raise ExerciseFailed(f"your forward changed `logits` in place{on_input(inputs)}: "
                                  f"compute `logits - m`, not `logits -= m`")
         value = got.item()
         expected = training.cross_entropy(logits.double(), targets).item()  # float64: exact to ~1e-15
@@ -97,7 +124,8 @@ def _judge_cross_entropy(records):
             raise ExerciseFailed("logits[:, targets] picks an N x N block, not one logit per row: "
                                  "use logits[torch.arange(N), targets] (or logits.gather)")
         raise ExerciseFailed(f"wrong loss: {shown}{on_input(inputs)}")
-    _judge_gradient(records.next())
+    for case in _gradient_cases():
+        _judge_gradient(records.next(), *case)
 
 
 def _judge_loss_type(got, n, inputs):
@@ -118,29 +146,70 @@ def _judge_loss_type(got, n, inputs):
         raise ExerciseFailed(f"the loss must be a floating-point tensor, got {got.dtype}{on_input(inputs)}")
 
 
-def _judge_gradient(record):
-    logits, targets = _gradient_case()
-    inputs = {"logits": logits, "targets": targets}
+def _judge_gradient(record, case, logits, targets, incoming):
+    inputs = {"logits": logits, "targets": targets, "case": case}
     _judge_loss_type(record["got"], len(targets), inputs)
     if not record["graph"]:
-        raise ExerciseFailed("the loss is cut off from the autograd graph (.item(), .detach(), torch.tensor(...) "
-                             "or numpy?): compute it from `logits` with torch operations only")
-    reference_logits = logits.clone().requires_grad_()
-    training.cross_entropy(reference_logits, targets).backward()
-    # each entry is (softmax - one_hot) / N in float32, exact to a few FLOAT32_ROUNDOFF relatively: 1e-4 leaves a
-    # wide margin
+        raise ExerciseFailed(f"the loss is cut off from the autograd graph{on_input(inputs)}: return the result of "
+                             f"forward as it is, and call the class as CrossEntropy.apply(logits, targets)")
+    if not record["own_backward"]:
+        raise ExerciseFailed(f"the loss's gradient does not come from your backward{on_input(inputs)}: let "
+                             f"CrossEntropy.apply run your forward (don't override apply), so that autograd calls "
+                             f"your backward")
     grad = record["grad"]
-    if grad is None or grad.shape != logits.shape or not torch.allclose(grad, reference_logits.grad,
-                                                                       rtol=1e-4, atol=1e-6):
-        raise ExerciseFailed("the loss has the right value but the wrong gradient: d loss / d logits should be "
-                             "(softmax(logits) - one_hot(targets)) / N. Did you detach the max with a "
-                             "non-differentiable operation or treat part of the loss as a constant?")
+    if grad is None:
+        raise ExerciseFailed(f"logits.grad is None after backward{on_input(inputs)}: return the gradient for logits "
+                             f"first, then None for targets")
+    n, v = logits.shape
+    reference_logits = logits.double().requires_grad_()
+    (training.cross_entropy(reference_logits, targets) * incoming).backward()  # float64: exact to ~1e-16
+    expected = reference_logits.grad
+    # Each entry is (softmax - one_hot) * incoming / N. A float32 softmax exp(x - m) / sum is exact to (V + 2) u
+    # relatively (u = FLOAT32_ROUNDOFF: V terms summed, one exp, one division), so softmax - one_hot to (V + 2) u
+    # absolutely, and the product with incoming / N adds two roundings.
+    tolerance = (v + 8) * FLOAT32_ROUNDOFF * abs(incoming) / n
+    if grad.shape == expected.shape and torch.allclose(grad.double(), expected, rtol=0, atol=tolerance):
+        return
+    if grad.shape != expected.shape:
+        raise ExerciseFailed(f"the gradient for logits has shape {list(grad.shape)}, expected {list(logits.shape)}"
+                             f"{on_input(inputs)}")
+    shown = tensor_differences(expected, grad)
+    grad = grad.double()
+    if not torch.isfinite(grad).all():
+        raise ExerciseFailed(f"the gradient is not finite for {case}: compute the softmax in backward as "
+                             f"exp(x - m) / sum(exp(x - m)) with m each row's max (or save the one forward "
+                             f"computed), never exp(x) / sum(exp(x)); {shown}")
+    softmax = logits.double().softmax(-1)
+    one_hot = torch.nn.functional.one_hot(targets, v).double()
+
+    def gives(alternative):
+        return torch.allclose(grad, alternative, rtol=1e-4, atol=1e-4 * abs(incoming) / n)
+
+    if incoming != 1 and gives(expected / incoming):
+        raise ExerciseFailed(f"backward ignores its argument, the incoming gradient d(result)/d(loss) ({incoming:g} "
+                             f"here): multiply your gradient by it (the chain rule); {shown}")
+    if gives(expected * n):
+        raise ExerciseFailed(f"the gradient is N = {n} times too large: the loss is the mean over the N rows, so "
+                             f"d loss / d logits = (softmax - one_hot) / N; {shown}")
+    if gives(-expected):
+        raise ExerciseFailed(f"the gradient has the wrong sign: d loss / d logits = (softmax - one_hot) / N, the "
+                             f"target's entry negative; {shown}")
+    if gives(softmax * incoming / n) or gives(softmax * incoming):
+        raise ExerciseFailed(f"subtract the one-hot of the targets: d loss / d logits = (softmax - one_hot) / N "
+                             f"(the -x_t of the loss gives the -1 at each row's target); {shown}")
+    if gives((softmax - one_hot.amax(0)) * incoming / n):  # grad[:, targets] -= 1: every target in every row
+        raise ExerciseFailed(f"grad[:, targets] subtracts 1 at every row's target in every row: subtract it at "
+                             f"(i, targets[i]) only, grad[torch.arange(N), targets] -= 1; {shown}")
+    raise ExerciseFailed(f"wrong gradient for {case}: d loss / d logits = (softmax - one_hot) / N times the "
+                         f"incoming gradient; {shown}")
 
 
-def check_cross_entropy(fn):
-    """fn(logits: Tensor[N, V], targets: LongTensor[N]) -> 0-dim Tensor, the mean of -log softmax(logits)[target]."""
+def check_cross_entropy(cls):
+    """cls, a torch.autograd.Function: cls.apply(logits: Tensor[N, V], targets: LongTensor[N]) -> 0-dim Tensor, the
+    mean of -log softmax(logits)[target], finite for any logits; its backward returns (softmax(logits) -
+    one_hot(targets)) / N times the incoming gradient for logits, and None for targets."""
     __tracebackhide__ = True
-    run_and_judge("check_cross_entropy", fn)
+    run_and_judge("check_cross_entropy", cls)
 
 
 register("check_cross_entropy", _run_cross_entropy, _judge_cross_entropy)
