@@ -45,7 +45,7 @@ def submission(folder, name, source, template="solutions/04-cosine-schedule.ipyn
 
 
 WRONG = """\
-def cosine_lr(step, max_lr, min_lr, warmup_steps, total_steps):
+def cosine_lr(step, max_lr, min_lr, warmup_steps, total_steps, budget_used):
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if step >= total_steps:
@@ -73,18 +73,29 @@ class AdamW(torch.optim.Optimizer):
 LR_FINDER = "solutions/06-lr-finder.ipynb"
 ADAMW = "solutions/02-adamw.ipynb"
 CROSS_ENTROPY = "solutions/01-cross-entropy.ipynb"
-LINEAR = "solutions/05-linear-schedule.ipynb"
+# An exercise 1 answer is CE_HEAD + the forward's body (indented 4) + CE_TAIL, which makes it a Function's forward.
+CE_HEAD = "def forward(ctx, logits, targets):\n"
+CE_TAIL = """
+
+class CrossEntropy(torch.autograd.Function):
+    forward = staticmethod(forward)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return None, None
+"""
+WSD = "solutions/05-wsd-schedule.ipynb"
 
 # learner -> (file name, answer source, template, cell before the answer, score, a fragment of the reason)
 SUBMISSIONS = {
     "alice": [("04-cosine-schedule.ipynb", None, None, None, 1, ""),
-              ("05-linear-schedule.ipynb", None, LINEAR, None, 1, "")],
+              ("05-wsd-schedule.ipynb", None, WSD, None, 1, "")],
     "bob": [("04-cosine-schedule.ipynb", WRONG, None, None, 0, "warmup is off by one"),
-            ("05-linear-schedule.ipynb", "def linear_lr(step, max_lr, min_lr, warmup_steps, total_steps)\n"
-                                         "    return max_lr", LINEAR, None, 0, "cell 5 raised SyntaxError")],
+            ("05-wsd-schedule.ipynb", "def wsd_lr(step, max_lr, min_lr, warmup_steps, cooldown_steps, total_steps)\n"
+                                         "    return max_lr", WSD, None, 0, "cell 5 raised SyntaxError")],
     "carol": [("04-cosine-schedule.ipynb", "import os\n\ndef cosine_lr(*args):\n    os._exit(1)\n\ncosine_lr()", None,
                None, 0, "the kernel died (the notebook crashed"),
-              ("05-linear-schedule.ipynb", "def linear_lr(*args):\n    while True:\n        pass", LINEAR, None, 0,
+              ("05-wsd-schedule.ipynb", "def wsd_lr(*args):\n    while True:\n        pass", WSD, None, 0,
                "did not finish within 1 s"),
               # swallows every interruption: the watchdog ends the kernel after the limit and its grace
               ("04-cosine-schedule-again.ipynb", "def cosine_lr(*args):\n    while True:\n        try:\n"
@@ -93,7 +104,7 @@ SUBMISSIONS = {
     "dave": [("04-cosine-schedule.ipynb", "def cosine_lr(*args):\n    return 0.0\n\nwhile True:\n    pass", None,
               None, 0, "a cell ran longer than 3 s (an infinite loop?) (in cell 5)"),
              # renamed notebook (matched through its metadata) whose answer cell was deleted
-             ("my-answer.ipynb", "# I ran out of time", LINEAR, None, 0, "no cell defines `linear_lr`")],
+             ("my-answer.ipynb", "# I ran out of time", WSD, None, 0, "no cell defines `wsd_lr`")],
     # two right answers written unlike the solution: the LRs differ from the formula's in the last bits
     "erin": [("06-lr-finder.ipynb", LR_FINDER_WITH_SWEEP.format(sweep="np.logspace(np.log10(start_lr), "
                                                                  "np.log10(end_lr), num_steps)"),
@@ -105,9 +116,9 @@ SUBMISSIONS = {
     "mallory": [
         ("02-adamw.ipynb", SGD_ADAMW, ADAMW, "from exercises import checks as c\nc.check_adamw = lambda f: None",
          0, "refused: the answer uses a change to the module `exercises.checks.check_adamw`"),
-        ("05-linear-schedule.ipynb", "import training\n\ndef linear_lr(step, max_lr, min_lr, warmup_steps, "
-         "total_steps):\n    return max_lr\n\ntraining.linear_lr = lambda step, **settings: settings['max_lr']",
-         LINEAR, None, 0, "a change to the module `training.linear_lr`"),
+        ("05-wsd-schedule.ipynb", "import training\n\ndef wsd_lr(step, max_lr, min_lr, warmup_steps, "
+         "cooldown_steps, total_steps):\n    return max_lr\n\ntraining.wsd_lr = lambda step, **settings: settings['max_lr']",
+         LINEAR, None, 0, "a change to the module `training.wsd_lr`"),
         ("04-cosine-schedule.ipynb", WRONG, None, "import json\n_dumps = json.dumps\n"
          "json.dumps = lambda value, **options: _dumps([True, '']) if isinstance(value, (tuple, list)) "
          "else _dumps(value, **options)", 0, "a change to the module `json.dumps`"),
@@ -117,11 +128,11 @@ SUBMISSIONS = {
         ("06-lr-finder-copied.ipynb", "def lr_finder(*args, **kwargs):\n    pass\n\nimport json\n\n"
          "cells = json.load(open('../../solutions/06-lr-finder.ipynb'))['cells']\n"
          "exec(''.join(cells[4]['source']))", LR_FINDER, None, 0, "solutions/06-lr-finder.ipynb"),
-        ("01-cross-entropy.ipynb", "def cross_entropy(logits, targets):\n    return reference(logits, targets)",
+        ("01-cross-entropy.ipynb", CE_HEAD + "    return reference(logits, targets)" + CE_TAIL,
          CROSS_ENTROPY, "from training import cross_entropy as reference", 0, "`training.cross_entropy`"),
-        ("01-cross-entropy-special.ipynb", "def cross_entropy(logits, targets):\n"
-         "    log_p = torch.special.log_softmax(logits, -1)\n"
-         "    return -log_p[torch.arange(len(targets)), targets].mean()", CROSS_ENTROPY, None, 0, "`torch.special"),
+        ("01-cross-entropy-special.ipynb", CE_HEAD + "    log_p = torch.special.log_softmax(logits, -1)\n"
+         "    return -log_p[torch.arange(len(targets)), targets].mean()" + CE_TAIL, CROSS_ENTROPY, None, 0,
+         "`torch.special"),
         ("02-adamw-hidden.ipynb", ADAMW_HEAD + "        self.hidden = torch.optim.AdamW(self.param_groups)\n\n"
          "    def step(self, closure=None):\n        self.hidden.step()", ADAMW, None, 0, "`torch.optim.AdamW`"),
         ("02-adamw-step-loop.ipynb", "import training\n\n" + ADAMW_HEAD + "\n    @torch.no_grad()\n"

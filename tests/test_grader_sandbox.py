@@ -22,7 +22,7 @@ import pytest
 
 from exercises import grade, sandbox
 
-from test_grader import CROSS_ENTROPY, WRONG, submission
+from test_grader import CE_HEAD, CE_TAIL, CROSS_ENTROPY, WRONG, submission
 
 ROOT = Path(__file__).resolve().parent.parent
 COSINE = "solutions/04-cosine-schedule.ipynb"
@@ -32,7 +32,6 @@ pytestmark = pytest.mark.skipif(sandbox.problem() is not None, reason=f"no sandb
 
 RIGHT_COSINE = nbformat.read(ROOT / COSINE, as_version=4)
 RIGHT_COSINE = next(cell.source for cell in RIGHT_COSINE.cells if "answer" in cell.metadata.get("tags", []))
-CE_HEAD = "def cross_entropy(logits, targets):\n"
 
 # What a saboteur tries from inside its kernel; {OUT}, {VICTIM}, {PORT} are filled in by the fixture. Each attempt
 # that works makes the answer wrong, so a sandbox that leaks shows up as a score (and the side effects are also
@@ -75,11 +74,12 @@ HOSTILE = {
                ("01-cross-entropy.ipynb", None, CROSS_ENTROPY, None, 1, "")],
     # (b) banned functions reached around the ban list, stopped where they run
     "aten": [("01-cross-entropy.ipynb", CE_HEAD + "    log_p = torch.ops.aten._log_softmax(logits, -1, False)\n"
-              "    return -log_p[torch.arange(len(targets)), targets].mean()", CROSS_ENTROPY, None, 0,
+              "    return -log_p[torch.arange(len(targets)), targets].mean()" + CE_TAIL, CROSS_ENTROPY, None, 0,
               "refused: your code called `torch.ops.aten._log_softmax`"),
              ("01-cross-entropy-nll.ipynb", CE_HEAD + "    m = logits.max(-1, keepdim=True).values\n"
               "    log_p = logits - m - (logits - m).exp().sum(-1, keepdim=True).log()\n"
-              "    return torch.ops.aten.nll_loss_forward(log_p, targets, None, 1, -100)[0]", CROSS_ENTROPY, None, 0,
+              "    return torch.ops.aten.nll_loss_forward(log_p, targets, None, 1, -100)[0]" + CE_TAIL, CROSS_ENTROPY,
+              None, 0,
               "refused: your code called `torch.ops.aten.nll_loss_forward`")],
     # (a) honest in its own check cell (a full environment), a cheat under the grader (a cleared one)
     "two-faced": [("01-cross-entropy.ipynb", "import os\n\n" + CE_HEAD +
@@ -88,11 +88,10 @@ HOSTILE = {
                    "logits[torch.arange(len(targets)), targets].mean()\n"
                    "    m = logits.max(-1, keepdim=True).values\n"
                    "    lse = m.squeeze(-1) + (logits - m).exp().sum(-1).log()\n"
-                   "    return (lse - logits[torch.arange(len(targets)), targets]).mean()", CROSS_ENTROPY, None, 0,
+                   "    return (lse - logits[torch.arange(len(targets)), targets]).mean()" + CE_TAIL, CROSS_ENTROPY, None, 0,
                    "refused: your code called `torch.ops.aten.logsumexp`")],
     "copied-code": [("01-cross-entropy.ipynb", "import types\nimport m07_training.losses as l\n\n"
-                     "cross_entropy = types.FunctionType(l.cross_entropy.__code__, {'torch': torch})\n"
-                     "def cross_entropy(logits, targets):\n    pass", CROSS_ENTROPY, None, 0, "`types.FunctionType`")],
+                     "forward = types.FunctionType(l.cross_entropy.__code__, {'torch': torch})\n" + CE_TAIL, CROSS_ENTROPY, None, 0, "`types.FunctionType`")],
     "child": [("04-cosine-schedule.ipynb", "import subprocess, sys\n\ndef cosine_lr(*args):\n"
                "    return float(subprocess.run([sys.executable, '-c', 'import training; print(training.cosine_lr(' "
                "+ repr(args) + '))'], capture_output=True).stdout)", COSINE, None, 0, "`subprocess`")],
@@ -104,8 +103,8 @@ HOSTILE = {
     # (a) the kernel-side half: its runner, tables and guard reached through the interpreter
     "runner": [("04-cosine-schedule.ipynb", WRONG + "\nimport gc\nfor o in gc.get_objects():\n    pass", COSINE, None, 0,
                 "`gc`"),
-               ("05-linear-schedule.ipynb", "import sys\nsys.modules['exer' + 'cises.checks'].TIME_LIMIT_S = 1e9\n\n"
-                "def linear_lr(*args):\n    return 0.0", "solutions/05-linear-schedule.ipynb", None, 0, "`sys.modules`"),
+               ("05-wsd-schedule.ipynb", "import sys\nsys.modules['exer' + 'cises.checks'].TIME_LIMIT_S = 1e9\n\n"
+                "def wsd_lr(*args):\n    return 0.0", "solutions/05-wsd-schedule.ipynb", None, 0, "`sys.modules`"),
                ("04-cosine-schedule-dict.ipynb", WRONG + "\nfrom exercises.checks import check_cosine_schedule as c\n"
                 "c.__globals__['RUNS'].clear()", COSINE, None, 0, "`__globals__`"),
                ("04-cosine-schedule-guard.ipynb", WRONG + "\nfrom exercises.integrity import CallGuard\n"
@@ -114,13 +113,13 @@ HOSTILE = {
                 "IPython command `%run"),
                ("04-cosine-schedule-thread.ipynb", WRONG + "\nimport threading\nthreading.Thread(target=print).start()",
                 COSINE, None, 0, "`threading"),
-               ("01-cross-entropy.ipynb", CE_HEAD + "    return torch._C._nn.cross_entropy_loss(logits, targets)",
+               ("01-cross-entropy.ipynb", CE_HEAD + "    return torch._C._nn.cross_entropy_loss(logits, targets)" + CE_TAIL,
                 CROSS_ENTROPY, None, 0, "torch's dispatcher")],
     # (a) values that run the answer's code when the check converts them, after the guard has let go
     "subclass": [("04-cosine-schedule.ipynb", "class Sly(float):\n    def __float__(self):\n        return 0.5\n\n"
                   "def cosine_lr(*args):\n    return Sly(0.0)", COSINE, None, 0, "Sly"),
                  ("01-cross-entropy.ipynb", "class Sly(torch.Tensor):\n    pass\n\n" + CE_HEAD +
-                  "    return torch.zeros(()).as_subclass(Sly)", CROSS_ENTROPY, None, 0, "Sly")],
+                  "    return torch.zeros(()).as_subclass(Sly)" + CE_TAIL, CROSS_ENTROPY, None, 0, "Sly")],
     # (c) sabotage of the grader, its outputs and other learners; (d) a kernel its own time limits cannot stop
     "saboteur": [("04-cosine-schedule.ipynb", "ESCAPES", COSINE, None, 1, ""),  # right, and nothing escaped
                  ("04-cosine-schedule-forge.ipynb", "def cosine_lr(*args):\n"
