@@ -118,7 +118,7 @@ SUBMISSIONS = {
          0, "refused: the answer uses a change to the module `exercises.checks.check_adamw`"),
         ("05-wsd-schedule.ipynb", "import training\n\ndef wsd_lr(step, max_lr, min_lr, warmup_steps, "
          "cooldown_steps, total_steps):\n    return max_lr\n\ntraining.wsd_lr = lambda step, **settings: settings['max_lr']",
-         LINEAR, None, 0, "a change to the module `training.wsd_lr`"),
+         WSD, None, 0, "a change to the module `training.wsd_lr`"),
         ("04-cosine-schedule.ipynb", WRONG, None, "import json\n_dumps = json.dumps\n"
          "json.dumps = lambda value, **options: _dumps([True, '']) if isinstance(value, (tuple, list)) "
          "else _dumps(value, **options)", 0, "a change to the module `json.dumps`"),
