@@ -237,7 +237,8 @@ def _wsd(step, config, cooldown=None):
     start = _cooldown_start(config)
     if cooldown is None or not start <= step < config["total_steps"]:
         return training.wsd_lr(step, **config)
-    return config["min_lr"] + (config["max_lr"] - config["min_lr"]) * cooldown((step - start) / config["cooldown_steps"])
+    progress = (step - start) / config["cooldown_steps"]
+    return config["min_lr"] + (config["max_lr"] - config["min_lr"]) * cooldown(progress)
 
 
 def _run_wsd(fn, records, guard):
