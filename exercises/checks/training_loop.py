@@ -39,6 +39,7 @@ from exercises.checks.harness import (ExerciseFailed, call_candidate, expected_a
 MODEL = dict(context_length=32, d_model=64, n_layers=2, n_heads=4, d_ff=256, dropout=0.0, bias=False)
 _BATCH, _TIME = 16, 32
 _BETAS, _EPS = (0.9, 0.95), 1e-8
+_UPDATES_PER_LIMIT = 40
 
 
 @dataclass(frozen=True)
@@ -170,8 +171,11 @@ def _call(fn, model, callbacks, setting, checkpoint_path, guard, resume=False):
         except KeyboardInterrupt:  # the check's Ctrl-C, let through by the loop: a run that stopped
             return True, None
 
+    # The package's per-call limit is for calls that take milliseconds; a training run gets it for every
+    # _UPDATES_PER_LIMIT updates (each ~30 ms under the guard on a laptop CPU, several times that on a busy one).
+    time_limit = settings.TIME_LIMIT_S * max(1.0, setting.steps / _UPDATES_PER_LIMIT)
     interrupted, history = call_candidate(
-        "train_loop", {"steps": setting.steps, "resume": resume}, loop, guard=guard,
+        "train_loop", {"steps": setting.steps, "resume": resume}, loop, guard=guard, time_limit=time_limit,
         hints=[(lambda e: isinstance(e, FileNotFoundError) and resume,
                 "resume=True loads checkpoint_path, which your loop must have written during the first run "
                 "(every eval_every updates and after the last)")])
