@@ -219,7 +219,7 @@ def scored_against_counting(result: TrainResult, config: TrainConfig) -> str:
     score = score_text(result.model, corpus.val_ids, context_length=config.context_length, device=device,
                        dtype=resolve_dtype(config.dtype, device))
     ladder = ngram_ladder(corpus.train_ids, corpus.val_ids, corpus.tokenizer.vocab_size,
-                          min_history=score.min_history)
+                          min_history=score.min_history, cache_dir=DEFAULT_CACHE)
     return (f"best.pt on the whole validation split, every character with at least {score.min_history} characters of "
             f"history: {score}; it {versus_ladder(score.loss, ladder)} of the Kneser-Ney n-grams counted "
             f"from the training split")

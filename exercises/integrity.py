@@ -58,6 +58,18 @@ BANNED = {
                     "torch._amp_update_scale_"],
     "resume": ["training.save_checkpoint", "training.load_checkpoint", "training.read_checkpoint",
                "m07_training.checkpoint"],
+    # the capstone: every piece the loop is made of is the learner's own (torch.optim.Optimizer stays allowed, as
+    # the base class of the learner's AdamW)
+    "training-loop": ["torch.optim.AdamW", "torch.optim.Adam", "torch.optim.SGD", "torch.optim.Muon",
+                      "torch.optim.adamw", "torch.optim.adam", "torch.optim.sgd", "torch.optim._muon",
+                      "torch.optim.lr_scheduler", "torch._fused_adamw_", "torch._fused_adam_",
+                      "torch.nn.functional.cross_entropy", "torch.nn.functional.nll_loss",
+                      "torch.nn.functional.log_softmax", "torch.log_softmax", "torch.logsumexp", "torch.special",
+                      "torch.nn.CrossEntropyLoss", "torch.nn.NLLLoss", "torch.nn.LogSoftmax", ".log_softmax",
+                      ".logsumexp", "torch.nn.utils.clip_grad_norm_", "torch.nn.utils.clip_grad_norm",
+                      "torch.nn.utils.get_total_norm", "torch.nn.utils.clip_grad", "training",
+                      "m07_training.loss", "m07_training.optimizers", "m07_training.muon", "m07_training.schedules",
+                      "m07_training.clipping", "m07_training.checkpoint", "m07_training.loop"],
     "muon": ["torch.optim.Muon", "torch.optim._muon", "training.Muon", "training.MuonWithAdamW",
              "training.newton_schulz", "m07_training.muon"],
 }
@@ -72,6 +84,7 @@ BANNED_OPS = {
                       "cross_entropy_loss"},
     "adamw": {"_fused_adamw", "_fused_adamw_", "_fused_adam", "_fused_adam_"},
 }
+BANNED_OPS["training-loop"] = BANNED_OPS["cross-entropy"] | BANNED_OPS["adamw"]
 # The checker and the solutions are off limits in every exercise (importing the checks and calling a
 # `check_*` is allowed).
 COMMON = ["exercises.grade", "exercises.integrity", "exercises.checks"]
@@ -333,7 +346,7 @@ class CallGuard:
             with _OpGuard(set(), self):
                 torch.zeros(2, requires_grad=True).exp().sum().backward()
         # what is banned -> the name to show: code objects, source files, builtin functions (by id)
-        self.codes, self.files, self.builtins, self.tensor_methods = {}, {}, {}, set()
+        self.codes, self.files, self.builtins, self.tensor_methods, self.file_names = {}, {}, {}, set(), {}
         self.refused = None
         for name in BANNED[slug]:
             if name.startswith("."):
@@ -353,7 +366,7 @@ class CallGuard:
     def __call__(self, frame, event, arg):
         if event == "call":
             code = frame.f_code
-            name = self.codes.get(code) or (self.files and self.files.get(os.path.realpath(code.co_filename)))
+            name = self.codes.get(code) or (self.files and self.banned_file(code.co_filename))
             if name:
                 self.refuse(name)
         elif event == "c_call":
@@ -363,6 +376,13 @@ class CallGuard:
                 name = f"Tensor.{arg.__name__}"
             if name:
                 self.refuse(name)
+
+    def banned_file(self, filename):
+        """The banned name of the module in `filename`, or None; realpath once per file name (it asks the file
+        system, and this hook runs at every call)."""
+        if filename not in self.file_names:
+            self.file_names[filename] = self.files.get(os.path.realpath(filename))
+        return self.file_names[filename]
 
     def refuse(self, name):
         self.refused = self.refused or (f"refused: your code called `{name}`, which this exercise asks you to "

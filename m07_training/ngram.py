@@ -19,13 +19,18 @@ the uniform 1/vocab_size, so no probability is 0, and each level sums to 1 over 
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from .run_files import atomic_write_text
 from .scoring import Score, scored_characters
 
 DEFAULT_DISCOUNT = 0.75  # fit()'s discount, and the estimate's where a level has no singletons
@@ -178,12 +183,47 @@ class KneserNey:
 
 def ngram_ladder(train_ids: torch.Tensor | np.ndarray, val_ids: torch.Tensor | np.ndarray, vocab_size: int,
                  orders: Iterable[int] = range(1, 7), *, min_history: int = 32,
-                 discount: float | Sequence[float] | None = DEFAULT_DISCOUNT) -> dict[int, Score]:
+                 discount: float | Sequence[float] | None = DEFAULT_DISCOUNT,
+                 cache_dir: str | Path | None = None) -> dict[int, Score]:
     """{order: Score of val_ids} for a Kneser-Ney model of each order fitted on train_ids.
     min_history: which characters are scored (all but the first min_history); at least the largest
-    order - 1 so each has a full history, and the same as score_text's to compare with a GPT."""
-    return {order: KneserNey.fit(train_ids, order, vocab_size, discount).score(val_ids, min_history=min_history)
-            for order in orders}
+    order - 1 so each has a full history, and the same as score_text's to compare with a GPT.
+    cache_dir: a folder where the ladder is kept as JSON under the SHA-256 of everything it depends on (the
+    ids, the vocabulary size, the orders, min_history, the discount), so that the next run on the same corpus
+    reads it back instead of counting again (seconds for order 6 on Shakespeare)."""
+    orders = list(orders)
+    path = None
+    if cache_dir is not None:
+        key = hashlib.sha256(repr((vocab_size, orders, min_history, discount)).encode())
+        for ids in (train_ids, val_ids):
+            key.update(np.ascontiguousarray(np.asarray(ids, dtype=np.int64)).tobytes())
+        path = Path(cache_dir) / f"ngram-ladder-{key.hexdigest()}.json"
+        cached = _read_ladder(path, orders)
+        if cached is not None:
+            return cached
+    ladder = {order: KneserNey.fit(train_ids, order, vocab_size, discount).score(val_ids, min_history=min_history)
+              for order in orders}
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps({str(order): dataclasses.asdict(score)
+                                                for order, score in ladder.items()}))
+        except OSError:
+            pass  # a cache that cannot be written only means counting again next time
+    return ladder
+
+
+def _read_ladder(path: Path, orders: list[int]) -> dict[int, Score] | None:
+    """The ladder cached at `path`, or None when there is none or it is not a whole, well-formed one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        ladder = {order: Score(**data[str(order)]) for order in orders}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    fields = {field.name: field.type for field in dataclasses.fields(Score)}
+    well_formed = all(type(getattr(score, name)) is (int if kind == "int" else float) for score in ladder.values()
+                      for name, kind in fields.items())
+    return ladder if well_formed and len(data) == len(orders) else None
 
 
 RUNG_NAMES = {1: "unigram", 2: "bigram", 3: "trigram"}

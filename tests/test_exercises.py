@@ -61,6 +61,13 @@ def check(slug):
     return getattr(checks, EXERCISE[slug].check)
 
 
+@pytest.fixture(autouse=True)
+def short_capstone_run(monkeypatch):
+    """The capstone's real training run, cut from 200 updates to 20 (its full length runs in the replay of
+    solutions/14-training-loop.ipynb)."""
+    monkeypatch.setattr(checks, "CAPSTONE_UPDATES", 20)
+
+
 # ----------------------------------------------------------------------------------------
 # Solutions pass, stubs fail
 # ----------------------------------------------------------------------------------------
@@ -625,6 +632,36 @@ MUTANTS = {
          "refused: your code called `torch.optim.Muon"),
     ],
 }
+
+MUTANTS["training-loop"] = [
+    ("torch.optim.AdamW instead of the learner's", edit(("    optimizer = AdamW([", "    optimizer = torch.optim.AdamW(["),),
+     "refused: your code called `torch.optim.AdamW`"),
+    ("F.cross_entropy instead of the learner's",
+     edit(("loss = cross_entropy(model(x), y)",
+           "loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())"),),
+     "refused: your code called `torch.nn.functional.cross_entropy`"),
+    ("forgets zero_grad", edit(("        optimizer.zero_grad(set_to_none=True)\n", ""),),
+     r"gradients of earlier updates were still in \.grad"),
+    ("never clips", edit(("        grad_norm = clip_grad_norm(model.parameters(), max_norm)\n",
+                          "        grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters()))\n"),),
+     "a loop that does not clip"),
+    ("resume without the optimizer's state (not bit for bit)",
+     edit(('        optimizer.load_state_dict(checkpoint["optimizer"])\n', ""),),
+     "restore the optimizer's state too"),
+    ("resume without the model's weights", edit(('        model.load_state_dict(checkpoint["model"])\n', ""),),
+     "the model's weights were not restored"),
+    ("resume forgets the earlier history", edit(('history, start = checkpoint["history"], checkpoint["step"] + 1',
+                                                  'start = checkpoint["step"] + 1'),),
+     "return the whole run's history"),
+    ("weight decay on every parameter", edit(('{"params": vectors, "weight_decay": 0.0}',
+                                               '{"params": vectors, "weight_decay": weight_decay}'),),
+     "weight decay went to every parameter"),
+    ("lr logged but never set", edit(('            group["lr"] = lr\n', '            pass\n'),),
+     "set group\\['lr'\\] = lr"),
+    ("warmup off by one", edit(("lr = cosine_lr(step, ", "lr = cosine_lr(step - 1, "),), "the learning rate of update 1"),
+    ("evaluates only at the end", edit(("if step % eval_every == 0 or step == steps:", "if step == steps:"),),
+     r"call evaluate\(model\) once after updates \[3, 6\]"),
+]
 
 MUTANT_CASES = [pytest.param(slug, edits, message, id=f"{slug}: {name}")
                 for slug, mutants in MUTANTS.items() for name, edits, message in mutants]

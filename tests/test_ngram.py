@@ -166,3 +166,22 @@ def test_the_ladder_on_the_whole_corpus(corpus):
     measured = {1: 3.318, 2: 2.473, 3: 1.963, 4: 1.598, 5: 1.417, 6: 1.360}
     assert {order: round(score.loss, 3) for order, score in ladder.items()} == pytest.approx(measured, abs=2e-3)
     assert all(0 < score.stderr < 0.01 for score in ladder.values())
+
+
+def test_a_cached_ladder_is_read_back_and_a_damaged_one_counted_again(tmp_path):
+    rng = np.random.default_rng(0)
+    train, val = rng.integers(0, 5, 3000), rng.integers(0, 5, 500)
+    counted = ngram_ladder(train, val, 5, orders=(1, 2, 3), min_history=2, cache_dir=tmp_path)
+    (cache_file,) = tmp_path.iterdir()
+    assert ngram_ladder(train, val, 5, orders=(1, 2, 3), min_history=2, cache_dir=tmp_path) == counted
+    planted = cache_file.read_text().replace(str(counted[3].loss), "0.125")
+    cache_file.write_text(planted)
+    assert ngram_ladder(train, val, 5, orders=(1, 2, 3), min_history=2, cache_dir=tmp_path)[3].loss == 0.125
+    # another text, another order list: another file, never the planted one
+    assert ngram_ladder(train, val[:-1], 5, orders=(1, 2, 3), min_history=2, cache_dir=tmp_path)[3].loss != 0.125
+    assert ngram_ladder(train, val, 5, orders=(1, 2), min_history=2, cache_dir=tmp_path) == \
+        {order: counted[order] for order in (1, 2)}
+    cache_file.write_text('{"1": {"loss": "low"}}')
+    assert ngram_ladder(train, val, 5, orders=(1, 2, 3), min_history=2, cache_dir=tmp_path) == counted
+    assert ngram_ladder(train, val, 5, orders=(1, 2, 3), min_history=2, cache_dir=cache_file / "not a folder") \
+        == counted

@@ -32,6 +32,9 @@ Candidates (the stubs in exercises/NN-*.ipynb have exactly these shapes):
                                  cls.load(path, model, optimizer, scheduler, generator) -> step, bit for bit
     check_muon(cls)              cls(params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1), whose
                                  step() equals torch.optim.Muon's (Newton-Schulz in float32)
+    check_training_loop(fn)      fn(model, batches, evaluate, *, steps, max_lr, min_lr, warmup_steps, weight_decay,
+                                 max_norm, eval_every, checkpoint_path, resume=False) -> history: the capstone,
+                                 the learner's own loop with the learner's own pieces; see its docstring
 
 The package: harness.py holds what every check shares, and each exercise has a module named
 after its slug in exercises/catalog.py (schedules.py serves both schedules). No module may be
@@ -51,16 +54,18 @@ from exercises.checks.lr_finder import check_lr_finder
 from exercises.checks.muon import check_muon
 from exercises.checks.resume import check_resume
 from exercises.checks.schedules import check_cosine_schedule, check_wsd_schedule
+from exercises.checks.training_loop import check_training_loop
 
 # Set on this package by the grader (in the learner's kernel) and by the tests; the harness reads them
 # from here at every call.
 TIME_LIMIT_S = 20.0  # per call of the candidate; every reference call takes milliseconds
 GRACE_S = 2.0        # how long past the limit a call may ignore the interruption before the watchdog acts
 WATCHDOG_NOTE = None  # set by the grader in its kernel: the file the watchdog writes before ending the kernel
+CAPSTONE_UPDATES = 200  # the updates of the capstone's real training run (exercise 14); the tests shorten it
 
 __all__ = [
-    "ExerciseFailed", "TIME_LIMIT_S", "GRACE_S", "WATCHDOG_NOTE", "check_cross_entropy", "check_adamw",
-    "check_clip_grad_norm", "check_cosine_schedule", "check_wsd_schedule", "check_lr_finder",
+    "ExerciseFailed", "TIME_LIMIT_S", "GRACE_S", "WATCHDOG_NOTE", "CAPSTONE_UPDATES", "check_cross_entropy",
+    "check_adamw", "check_clip_grad_norm", "check_cosine_schedule", "check_wsd_schedule", "check_lr_finder",
     "check_early_stopping", "check_label_smoothing", "check_grad_accumulation",
-    "check_loss_scaler", "check_resume", "check_muon", "run", "run_to_file", "judge",
+    "check_loss_scaler", "check_resume", "check_muon", "check_training_loop", "run", "run_to_file", "judge",
 ]

@@ -109,11 +109,12 @@ def _learner_line(error):
     return f" (at line {frame.lineno}: `{frame.line}`)" if frame.line else f" (at line {frame.lineno})"
 
 
-def call_candidate(what, inputs, fn, *args, hints=(), guard=None, **kwargs):
-    """fn(*args, **kwargs) under the time limit and the guard; any failure becomes an ExerciseFailed.
-    `hints` are (matches(error), text) pairs: the first that matches an error adds its text."""
+def call_candidate(what, inputs, fn, *args, hints=(), guard=None, time_limit=None, **kwargs):
+    """fn(*args, **kwargs) under the time limit (default: the package's TIME_LIMIT_S) and the guard; any failure
+    becomes an ExerciseFailed. `hints` are (matches(error), text) pairs: the first that matches an error adds its
+    text."""
     __tracebackhide__ = True
-    time_limit = settings.TIME_LIMIT_S
+    time_limit = settings.TIME_LIMIT_S if time_limit is None else time_limit
     try:
         with _time_limit(time_limit, what) as timer, (guard or contextlib.nullcontext()):
             result = fn(*args, **kwargs)
