@@ -193,11 +193,13 @@ def report(result: TrainResult, config: TrainConfig) -> int:
         print(f"\n{result.stop_reason} after {result.step} updates | best val loss {result.best_val_loss:.4f} "
               f"(perplexity {perplexity(result.best_val_loss):.2f}) | {result.tokens_per_second:,.0f} tokens/s | "
               f"{result.optimizer_name}")
+    ladder = None
     if result.best_checkpoint and not diverged:
         load_checkpoint(result.best_checkpoint, result.model)
-        print(scored_against_counting(result, config))
+        headline, ladder = scored_against_counting(result, config)
+        print(headline)
     findings = diagnose(result.history, vocab_size=result.tokenizer.vocab_size,
-                        unigram_loss=result.unigram_loss, grad_clip=config.grad_clip)
+                        unigram_loss=result.unigram_loss, grad_clip=config.grad_clip, ladder=ladder)
     # a failed run reports on stderr: the error, then what went wrong
     print("\n" + format_diagnosis(findings), file=sys.stderr if diverged else sys.stdout)
     if diverged:
@@ -212,9 +214,10 @@ def report(result: TrainResult, config: TrainConfig) -> int:
     return 0
 
 
-def scored_against_counting(result: TrainResult, config: TrainConfig) -> str:
+def scored_against_counting(result: TrainResult, config: TrainConfig) -> tuple[str, dict[int, Score]]:
     """best.pt scored on the whole validation split (score_text), next to the counting ladder built from the
-    training split: the honest headline of a run (the evaluations during training sample the split)."""
+    training split: the honest headline of a run (the evaluations during training sample the split), and
+    the ladder itself."""
     corpus, device = result.corpus, next(result.model.parameters()).device
     score = score_text(result.model, corpus.val_ids, context_length=config.context_length, device=device,
                        dtype=resolve_dtype(config.dtype, device))
@@ -222,7 +225,7 @@ def scored_against_counting(result: TrainResult, config: TrainConfig) -> str:
                           min_history=score.min_history, cache_dir=DEFAULT_CACHE)
     return (f"best.pt on the whole validation split, every character with at least {score.min_history} characters of "
             f"history: {score}; it {versus_ladder(score.loss, ladder)} of the Kneser-Ney n-grams counted "
-            f"from the training split")
+            f"from the training split"), ladder
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .ngram import rung_name, versus_ladder
+from .scoring import Score
+
 if TYPE_CHECKING:
     from .loop import TrainResult
 
@@ -121,13 +124,17 @@ def _runs_of(mask: np.ndarray, gap: int) -> list[tuple[int, int]]:
 
 
 def diagnose(history: str | Path | list[dict] | TrainResult, *, vocab_size: int | None = None,
-             unigram_loss: float | None = None, grad_clip: float | None = None) -> list[Finding]:
+             unigram_loss: float | None = None, grad_clip: float | None = None,
+             ladder: dict[int, Score] | None = None) -> list[Finding]:
     """Read a run's history (see read_history) and name what went wrong, with the evidence and what to try.
 
     vocab_size: V, for ln V (the loss of a uniform guess) in the spike, plateau and init checks;
     unigram_loss: the loss of predicting letter frequencies (training.unigram_loss of the training
     ids), the bar a run must clear to have learned anything about context; grad_clip: the run's
-    clipping norm, if known (0: off), so the advice does not ask for clipping that was already on.
+    clipping norm, if known (0: off), so the advice does not ask for clipping that was already on;
+    ladder: the counting ladder (ngram_ladder: {order: Score} of the validation split), so that the plateau
+    and healthy findings name the highest n-gram rung the best val loss beats (its order 1 is the unigram
+    bar when unigram_loss is not given).
     Checks, each with its threshold (module constants): divergence (a non-finite loss, or a loss
     that rose and never came back), loss spikes, a plateau above the unigram loss or ln V, a bad
     initialisation, overfitting (val rising while train falls), exploding or vanishing gradient
@@ -140,6 +147,11 @@ def diagnose(history: str | Path | list[dict] | TrainResult, *, vocab_size: int 
         raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
     if unigram_loss is not None and not (isinstance(unigram_loss, (int, float)) and unigram_loss >= 0):
         raise ValueError(f"unigram_loss must be a non-negative number, got {unigram_loss!r}")
+    if ladder is not None and not (isinstance(ladder, dict) and ladder and all(
+            isinstance(order, int) and isinstance(score, Score) for order, score in ladder.items())):
+        raise ValueError("ladder must be ngram_ladder()'s {order: Score}")
+    if unigram_loss is None and ladder is not None and 1 in ladder:
+        unigram_loss = ladder[1].loss
     ln_v = math.log(vocab_size) if vocab_size else None
     clip = _clip_advice(grad_clip)
     whole = _Curve(np.array([row["step"] for row in rows]), np.array([row["loss"] for row in rows], dtype=float),
@@ -159,17 +171,19 @@ def diagnose(history: str | Path | list[dict] | TrainResult, *, vocab_size: int 
             findings.append(spike)
         if init := _bad_initialisation(curve, ln_v):
             findings.append(init)
-        if plateau := _plateau(curve, findings, ln_v, unigram_loss):  # after the spike, which it reads
-            findings.append(plateau)
     evals = [row for row in rows[:len(curve.losses)] if isinstance(row.get("val_loss"), (int, float))
              and math.isfinite(row["val_loss"])]
+    rung = _rung(evals, ladder)
+    if len(curve.losses):
+        if plateau := _plateau(curve, findings, ln_v, unigram_loss, evals, rung):  # after the spike, which it reads
+            findings.append(plateau)
     for found in (_overfitting(evals), _suspiciously_low_loss(evals, curve)):
         if found:
             findings.append(found)
     low_loss = any(f.problem == "suspiciously low loss" for f in findings)
     if found := _gradient_norms(rows, clip, low_loss):
         findings.append(found)
-    return findings or [_healthy(curve, evals)]
+    return findings or [_healthy(curve, evals, rung, ladder)]
 
 
 @dataclass
@@ -296,7 +310,16 @@ def _bad_initialisation(curve: _Curve, ln_v: float | None) -> Finding | None:
         (int(curve.steps[0]), int(curve.steps[0])))
 
 
-def _plateau(curve: _Curve, earlier: list[Finding], ln_v: float | None, unigram: float | None) -> Finding | None:
+def _rung(evals: list[dict], ladder: dict[int, Score] | None) -> str:
+    """Where the best val loss stands on the counting ladder ('beats the trigram (1.96), not ...'), or ''."""
+    if not evals or not ladder:
+        return ""
+    return f"{versus_ladder(evals[_best_evaluation(evals)]['val_loss'], ladder)} of the counting ladder (Kneser-Ney " \
+           f"n-grams)"
+
+
+def _plateau(curve: _Curve, earlier: list[Finding], ln_v: float | None, unigram: float | None,
+             evals: list[dict], rung: str) -> Finding | None:
     """A run that ends no better than the unigram loss (or, without it, ln V), and did not diverge."""
     bar, bar_name = ((unigram, f"the unigram loss {unigram:.2f} (letter frequencies only)")
                      if unigram is not None else
@@ -309,7 +332,8 @@ def _plateau(curve: _Curve, earlier: list[Finding], ln_v: float | None, unigram:
     lr_note = f" (peak learning rate {np.nanmax(lrs):.3g})" if np.isfinite(lrs).any() else ""
     return Finding(
         "plateau", f"after {len(curve.losses):,} updates the loss (mean of the last {SMOOTH_UPDATES}: "
-        f"{curve.smooth[-1]:.2f}) is no better than {bar_name}",
+        f"{curve.smooth[-1]:.2f}) is no better than {bar_name}"
+        + (f"; the best val loss {evals[_best_evaluation(evals)]['val_loss']:.3f} {rung}" if rung else ""),
         f"the learning rate is too high{lr_note}: the run spiked (above) and never got past where it "
         f"was thrown back to; lower it 3-10x" if "loss spike" in problems else
         f"the learning rate is too low{lr_note}: raise it (try 10x, or run an LR finder); if the first "
@@ -403,14 +427,19 @@ def _gradient_norms(rows: list[dict], clip: str, low_loss: bool) -> Finding | No
         (int(norm_steps[0]), int(norm_steps[-1])))
 
 
-def _healthy(curve: _Curve, evals: list[dict]) -> Finding:
+def _healthy(curve: _Curve, evals: list[dict], rung: str, ladder: dict[int, Score] | None) -> Finding:
     evidence = f"the loss fell from {curve.losses[0]:.2f} to {curve.smooth[-1]:.2f} (mean of the last " \
                f"{SMOOTH_UPDATES}) over {len(curve.losses):,} updates, with no spike, plateau or exploding gradient"
+    advice = "nothing to fix: train longer, or scale the model up"
     if evals:
         best = evals[_best_evaluation(evals)]
-        evidence += f"; the best val loss {best['val_loss']:.3f} is at update {best['step']:,}"
-    return Finding("healthy", evidence, "nothing to fix: train longer, or scale the model up",
-                   (int(curve.steps[0]), int(curve.steps[-1])))
+        evidence += f"; the best val loss {best['val_loss']:.3f} is at update {best['step']:,}" + \
+            (f" and {rung}" if rung else "")
+        top = max(ladder) if ladder else None
+        if top is not None and not best["val_loss"] < ladder[top].loss:
+            advice = f"nothing is broken, but counting still does better: train longer, or scale the model up, " \
+                     f"until the val loss passes the {rung_name(top)} ({ladder[top].loss:.3f})"
+    return Finding("healthy", evidence, advice, (int(curve.steps[0]), int(curve.steps[-1])))
 
 
 def format_diagnosis(findings: list[Finding]) -> str:

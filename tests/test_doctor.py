@@ -272,3 +272,40 @@ def test_a_history_that_is_not_utf8_is_named(tmp_path):
     (tmp_path / "history.jsonl").write_bytes(b'{"step": 1, "loss": 4.0}\n\xff\xfe\n')
     with pytest.raises(ValueError, match=r"history\.jsonl is not UTF-8 text"):
         training.diagnose(tmp_path)
+
+
+def ladder_of(*losses):
+    """A counting ladder {order: Score} with these losses for orders 1, 2, ..."""
+    return {order: training.Score(loss, 0.005, 10_000, 32, 100) for order, loss in enumerate(losses, start=1)}
+
+
+LADDER = ladder_of(3.3, 2.47, 1.96, 1.60, 1.42, 1.36)
+
+
+def test_a_healthy_run_names_the_highest_rung_it_beats_and_the_one_it_has_not():
+    rows = add_evals(history(learning_curve()), 50, val=[2.6, 2.3, 2.2, 1.9], train=[2.5, 2.2, 2.1, 1.9])
+    (finding,) = training.diagnose(rows, vocab_size=V, ladder=LADDER)
+    assert finding.problem == "healthy"
+    assert "best val loss 1.900 is at update 200 and beats the trigram (1.960), not the 4-gram (1.600) of the " \
+           "counting ladder" in finding.evidence
+    assert "until the val loss passes the 6-gram (1.360)" in finding.advice
+
+
+def test_a_run_past_the_top_rung_gets_the_plain_advice():
+    rows = add_evals(history(learning_curve()), 50, val=[2.6, 2.3, 2.2, 1.3], train=[2.5, 2.2, 2.1, 1.3])
+    (finding,) = training.diagnose(rows, vocab_size=V, ladder=LADDER)
+    assert "beats the 6-gram (1.360), the highest rung counted" in finding.evidence
+    assert finding.advice == "nothing to fix: train longer, or scale the model up"
+
+
+def test_the_ladders_unigram_is_the_plateau_bar_and_the_plateau_names_no_rung_beaten():
+    rows = add_evals(history(learning_curve(500, start=4.2, end=4.0), lrs=[1e-5] * 500), 250, val=[4.1, 4.05],
+                     train=[4.1, 4.0])
+    (finding,) = training.diagnose(rows, vocab_size=V, ladder=LADDER)
+    assert finding.problem == "plateau" and "unigram loss 3.30" in finding.evidence
+    assert "the best val loss 4.050 beats no counting model (the unigram scores 3.300)" in finding.evidence
+
+
+def test_a_ladder_that_is_not_ngram_ladders_is_refused():
+    with pytest.raises(ValueError, match="ladder must be"):
+        training.diagnose(history(learning_curve()), ladder={1: 3.3})
