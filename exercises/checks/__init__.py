@@ -30,6 +30,8 @@ Candidates (the stubs in exercises/NN-*.ipynb have exactly these shapes):
                                  cls.load(path, model, optimizer, scheduler, generator) -> step, bit for bit
     check_muon(cls)              cls(params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1), whose
                                  step() equals torch.optim.Muon's (Newton-Schulz in float32)
+    check_gradient_all_reduce(fn) fn(model, local_tokens), on each of 2 real processes (gloo) after backward() of
+                                 its mean loss over its own tokens: every p.grad that of the mean over all ranks' tokens
 
 The package: harness.py holds what every check shares, and each exercise has a module named
 after its slug in exercises/catalog.py (schedules.py serves both schedules). No module may be
@@ -42,6 +44,7 @@ from exercises.checks.clip_grad_norm import check_clip_grad_norm
 from exercises.checks.cross_entropy import check_cross_entropy
 from exercises.checks.early_stopping import check_early_stopping
 from exercises.checks.grad_accumulation import check_grad_accumulation
+from exercises.checks.gradient_all_reduce import check_gradient_all_reduce
 from exercises.checks.harness import ExerciseFailed, judge, run, run_to_file
 from exercises.checks.label_smoothing import check_label_smoothing
 from exercises.checks.loss_scaler import check_loss_scaler
@@ -60,5 +63,5 @@ __all__ = [
     "ExerciseFailed", "TIME_LIMIT_S", "GRACE_S", "WATCHDOG_NOTE", "check_cross_entropy", "check_adamw",
     "check_clip_grad_norm", "check_cosine_schedule", "check_linear_schedule", "check_lr_finder",
     "check_early_stopping", "check_label_smoothing", "check_grad_accumulation",
-    "check_loss_scaler", "check_resume", "check_muon", "run", "run_to_file", "judge",
+    "check_loss_scaler", "check_resume", "check_muon", "check_gradient_all_reduce", "run", "run_to_file", "judge",
 ]
