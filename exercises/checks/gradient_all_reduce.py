@@ -254,7 +254,7 @@ def _run(fn, records, guard):
     require_callable(fn, "sync_gradients")
     _check_platform()
     with tempfile.TemporaryDirectory(prefix="sync-gradients-") as folder, _Ranks(fn, guard, folder) as ranks:
-        ready = ranks.replies(time.monotonic() + SETUP_S)
+        ready = ranks.replies(time.monotonic() + SETUP_S, STRAGGLER_S)  # the ranks meet in the store: together
         broken = [reply.get("broken", f"rank {rank} ended with exit status {reply.get('ended')}")
                   for rank, reply in ready.items() if "ready" not in reply]
         if broken or len(ready) < WORLD_SIZE:
