@@ -38,6 +38,8 @@ EXERCISES = (
     Exercise(10, "loss-scaler", "A dynamic loss scaler", "LossScaler", "check_loss_scaler"),
     Exercise(11, "resume", "Save and resume, bit for bit", "Checkpoint", "check_resume"),
     Exercise(12, "muon", "A Muon step, equal to torch.optim.Muon", "Muon", "check_muon"),
+    Exercise(13, "gradient-all-reduce", "Averaging gradients across processes with unequal shards", "sync_gradients",
+             "check_gradient_all_reduce"),
     Exercise(14, "training-loop", "Capstone: your own training loop", "train_loop", "check_training_loop"),
 )
 

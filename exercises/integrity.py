@@ -72,6 +72,13 @@ BANNED = {
                       "m07_training.clipping", "m07_training.checkpoint", "m07_training.loop"],
     "muon": ["torch.optim.Muon", "torch.optim._muon", "training.Muon", "training.MuonWithAdamW",
              "training.newton_schulz", "m07_training.muon"],
+    # DDP, FSDP and composable replicate average gradients themselves (the class or function first: the guard names
+    # it rather than its file); lesson 6's torchrun helpers too
+    "gradient-all-reduce": ["torch.nn.parallel.DistributedDataParallel", "torch.nn.parallel",
+                            "torch.nn.parallel.distributed", "torch.distributed.fsdp.fully_shard",
+                            "torch.distributed.fsdp.FullyShardedDataParallel", "torch.distributed.fsdp",
+                            "torch.distributed._composable.replicate", "torch.distributed._composable",
+                            "m07_training.distributed"],
 }
 # The ATen operators (by name, without the overload) behind each exercise's banned functions, refused by the
 # dispatcher while the candidate runs. Cross-entropy's composite functions (F.cross_entropy, log_softmax,

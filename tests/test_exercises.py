@@ -631,6 +631,39 @@ MUTANTS = {
                                          '                torch.optim.Muon([p])\n                p.add_(newton_schulz(update)')),
          "refused: your code called `torch.optim.Muon"),
     ],
+    # each mutant forks two gloo processes: ~0.15 s, the deadlock ~2.1 s (the check's STRAGGLER_S)
+    "gradient-all-reduce": [
+        ("lesson 6's rule: the ranks' sum divided by the world size",
+         edit(("        p.grad.mul_(local_tokens)  # this rank's mean -> the sum over its own tokens\n", ""),
+              ("p.grad.div_(total)", "p.grad.div_(dist.get_world_size())")),
+         r"dividing by the world size weighs every rank equally, but the ranks hold 5 and 20 tokens"),
+        ("summed, never divided",
+         edit(("        p.grad.mul_(local_tokens)  # this rank's mean -> the sum over its own tokens\n", ""),
+              ("        p.grad.div_(total)  # the mean over the tokens of all ranks", "")),
+         "summed by the all-reduce and never divided"),
+        ("the token count not all-reduced", edit(("    dist.all_reduce(total)  # the kept tokens of all ranks together\n",
+                                                  "")),
+         r"each rank divided by its own token count \(5 and 20\) instead of that of all ranks \(25\).*all_reduce the "
+         r"token count too"),
+        ("means summed without weighing them by their tokens",
+         edit(("        p.grad.mul_(local_tokens)  # this rank's mean -> the sum over its own tokens\n", "")),
+         r"multiply it by local_tokens \(back to the sum over its tokens\) before the all-reduce"),
+        ("only rank 0 all-reduces the gradients",
+         edit(("        dist.all_reduce(p.grad)", "        if dist.get_rank() == 0:\n            dist.all_reduce(p.grad)")),
+         r"^deadlock: rank 0 was still inside sync_gradients 2 s after rank 1 had returned from it, waiting \(at line "
+         r"\d+: `dist.all_reduce\(p.grad\)"),
+        ("the weights all-reduced instead of the gradients", edit(("dist.all_reduce(p.grad)", "dist.all_reduce(p.data)")),
+         r"changed the weights \(embed.weight on rank 0.*All-reduce p.grad, not p or p.data"),
+        ("stops at the first parameter without a gradient", edit(("continue", "break")),
+         r"head.weight and head.bias still hold each rank's own gradient"),
+        ("does not skip .grad None", edit(("if p.grad is None:", "if False:")), "skip parameters whose .grad is None"),
+        ("ReduceOp.AVG on top of the division by all tokens",
+         edit(("dist.all_reduce(p.grad)", "dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)")), "ReduceOp"),
+        ("wraps the model in DistributedDataParallel",
+         edit(("    total = torch.tensor(local_tokens)\n",
+               "    model = torch.nn.parallel.DistributedDataParallel(model)\n    total = torch.tensor(local_tokens)\n")),
+         "^refused: your code called `torch.nn.parallel.DistributedDataParallel`"),
+    ],
 }
 
 MUTANTS["training-loop"] = [
@@ -757,6 +790,8 @@ def test_passing_a_call_instead_of_the_function_is_explained():
                         "            train_step(1e-3)\n        except Exception:\n            pass"),
     ("check_early_stopping", "def train(model, train_step, evaluate, **settings):\n    import time\n"
                              "    time.sleep(60)"),
+    # stopped by the time limit inside each of the check's two processes
+    ("check_gradient_all_reduce", "def sync_gradients(model, local_tokens):\n    while True:\n        pass"),
 ])
 def test_a_candidate_that_never_returns_is_stopped(monkeypatch, check_name, candidate):
     monkeypatch.setattr(checks, "TIME_LIMIT_S", 0.3)
@@ -845,6 +880,12 @@ HIDDEN_CALLS = [
     ("wsd-schedule", "import training\n\ndef wsd_lr(step, max_lr, min_lr, warmup_steps, cooldown_steps, total_steps):\n"
                      "    return training.wsd_lr(step, max_lr=max_lr, min_lr=min_lr, warmup_steps=warmup_steps, "
                      "cooldown_steps=cooldown_steps, total_steps=total_steps)", "training.wsd_lr"),
+    # called in the check's forked processes: their guard refuses it
+    ("gradient-all-reduce", "wrap = getattr(torch.nn.parallel, 'Distributed' + 'DataParallel')\n\n"
+                            "def sync_gradients(model, local_tokens):\n    wrap(model)",
+     "torch.nn.parallel.DistributedDataParallel"),
+    ("gradient-all-reduce", "from m07_training import distributed\n\ndef sync_gradients(model, local_tokens):\n"
+                            "    distributed.wait_for_all(distributed.Ranks(world_size=2))", "m07_training.distributed"),
 ]
 
 
@@ -852,6 +893,48 @@ HIDDEN_CALLS = [
 def test_a_hidden_call_of_what_the_exercise_rebuilds_is_refused(slug, answer, name):
     with pytest.raises(ExerciseFailed, match=rf"^refused: your code called `{re.escape(name)}"):
         check(slug)(load(slug, answer))
+
+
+# ----------------------------------------------------------------------------------------
+# Exercise 13's two processes: a rank that hangs in C, ends its process, prints, or rounds on its own
+# ----------------------------------------------------------------------------------------
+
+SYNC_HEAD = "def sync_gradients(model, local_tokens):\n"
+
+
+def test_ranks_that_both_wait_in_c_are_ended_by_the_deadline_which_names_the_line(monkeypatch):
+    """Inside dist.recv neither worker's alarm can interrupt it: the parent's deadline (time limit + grace) ends
+    both, and faulthandler's stack says where rank 0 waits. About 0.6 s."""
+    monkeypatch.setattr(checks, "TIME_LIMIT_S", 0.3)
+    monkeypatch.setattr(checks, "GRACE_S", 0.2)
+    answer = SYNC_HEAD + "    dist.recv(torch.zeros(1), src=1 - dist.get_rank())  # each waits for the other"
+    with pytest.raises(ExerciseFailed, match=r"^no rank returned from sync_gradients within 0.3 s .*; rank 0 waits "
+                                             r"\(at line 2: `dist.recv"):
+        checks.check_gradient_all_reduce(load("gradient-all-reduce", answer))
+
+
+def test_a_rank_that_ends_its_process_is_named():
+    answer = "import os\n\n" + SYNC_HEAD + "    if dist.get_rank() == 1:\n        os._exit(3)"
+    with pytest.raises(ExerciseFailed, match=r"^rank 1's process ended inside sync_gradients \(exit status 3\)"):
+        checks.check_gradient_all_reduce(load("gradient-all-reduce", answer))
+
+
+def test_what_the_ranks_print_is_shown_under_their_rank(capsys):
+    solution = notebook_cells("solutions", "gradient-all-reduce")[1]
+    answer = mutate(solution, [("    total = torch.tensor(local_tokens)\n",
+                                "    print('tokens:', local_tokens)\n    total = torch.tensor(local_tokens)\n")])
+    checks.check_gradient_all_reduce(load("gradient-all-reduce", answer))
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:2] == ["[rank 0] tokens: 5", "[rank 1] tokens: 20"], printed
+
+
+def test_ranks_whose_gradients_differ_in_the_last_bits_fail():
+    """x / 25 and x * fl(1 / 25) round differently: within the tolerance, but replicas that would drift apart."""
+    solution = notebook_cells("solutions", "gradient-all-reduce")[1]
+    answer = mutate(solution, [("p.grad.div_(total)", "p.grad.div_(total) if dist.get_rank() == 0 else "
+                                                      "p.grad.mul_(1 / total)")])
+    with pytest.raises(ExerciseFailed, match=r"the ranks hold gradients of \S+ that differ in their last bits"):
+        checks.check_gradient_all_reduce(load("gradient-all-reduce", answer))
 
 
 BISECT_COSINE = """\
@@ -997,6 +1080,11 @@ def test_the_source_scan_refuses_no_solution_and_no_stub():
      "a change to the module `sys.modules`"),
     ("early-stopping", "def train_with_early_stopping(*a, **k):\n    return eval('1')", "`eval`"),
     ("adamw", "import importlib\nAdamW = importlib.import_module('torch.optim').AdamW", "`import importlib`"),
+    ("gradient-all-reduce", "from torch.nn.parallel import DistributedDataParallel as DDP\n\n"
+                            "def sync_gradients(model, local_tokens):\n    DDP(model)",
+     "`torch.nn.parallel.DistributedDataParallel`"),
+    ("gradient-all-reduce", "from torch.distributed.fsdp import fully_shard", "`torch.distributed.fsdp.fully_shard`"),
+    ("gradient-all-reduce", "import torch.multiprocessing as mp", "`torch.multiprocessing`"),
 ])
 def test_the_source_scan_names_what_it_refuses(slug, source, fragment):
     reason = scan(slug, [source])
@@ -1014,6 +1102,7 @@ def test_a_docstring_that_names_a_notebook_is_not_refused():
     ("clip-grad-norm", "from m07_training import clipping\nclip = clipping.clip_grad_norm"),
     ("cosine-schedule", "from m07_training.schedules import cosine_decay"),
     ("wsd-schedule", "from m07_training.schedules import wsd_lr"),
+    ("gradient-all-reduce", "from m07_training.distributed import agree"),
 ])
 def test_the_library_files_behind_training_are_banned_too(slug, source):
     """training.X is a face: the file each exercise rebuilds is refused under its own name as well."""

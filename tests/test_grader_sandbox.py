@@ -71,7 +71,9 @@ ESCAPED_MAKES_IT_WRONG = "\nif escaped:\n    del cosine_lr\n"
 # learner -> (file name, answer source, template, cell before the answer, score, a fragment of the reason)
 HOSTILE = {
     "honest": [("04-cosine-schedule.ipynb", None, COSINE, None, 1, ""),
-               ("01-cross-entropy.ipynb", None, CROSS_ENTROPY, None, 1, "")],
+               ("01-cross-entropy.ipynb", None, CROSS_ENTROPY, None, 1, ""),
+               # its check forks two processes that talk gloo over the sandbox's own loopback
+               ("13-gradient-all-reduce.ipynb", None, "solutions/13-gradient-all-reduce.ipynb", None, 1, "")],
     # (b) banned functions reached around the ban list, stopped where they run
     "aten": [("01-cross-entropy.ipynb", CE_HEAD + "    log_p = torch.ops.aten._log_softmax(logits, -1, False)\n"
               "    return -log_p[torch.arange(len(targets)), targets].mean()" + CE_TAIL, CROSS_ENTROPY, None, 0,
@@ -181,7 +183,7 @@ EXPECTED = {f"{learner}/{name}": (score, reason) for learner, rows in HOSTILE.it
             for name, _, _, _, score, reason in rows}
 
 
-@pytest.mark.slow  # shares one grading run: 12 sandboxed kernels, about a minute
+@pytest.mark.slow  # shares one grading run: 13 sandboxed kernels, about a minute
 def test_every_hostile_notebook_scores_0_with_its_reason_and_honest_ones_1(graded):
     rows = _rows(graded)
     assert set(rows) == set(EXPECTED), graded["stderr"]
@@ -214,7 +216,7 @@ def test_forged_rows_do_not_reach_the_table_and_the_digests_match_the_files(grad
         digest = hashlib.sha256((graded["out"] / name).read_bytes()).hexdigest()
         assert f"sha256 {digest}  {name}" in stdout
     report = json.loads((graded["out"] / "grades.json").read_text(encoding="utf-8"))
-    assert report["totals"]["honest"] == 2  # the victim among them, graded as submitted
+    assert report["totals"]["honest"] == 3  # the victim among them, graded as submitted
 
 
 @pytest.mark.slow  # shares one grading run

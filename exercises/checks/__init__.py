@@ -32,6 +32,8 @@ Candidates (the stubs in exercises/NN-*.ipynb have exactly these shapes):
                                  cls.load(path, model, optimizer, scheduler, generator) -> step, bit for bit
     check_muon(cls)              cls(params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1), whose
                                  step() equals torch.optim.Muon's (Newton-Schulz in float32)
+    check_gradient_all_reduce(fn) fn(model, local_tokens), on each of 2 real processes (gloo) after backward() of
+                                 its mean loss over its own tokens: every p.grad that of the mean over all ranks' tokens
     check_training_loop(fn)      fn(model, batches, evaluate, *, steps, max_lr, min_lr, warmup_steps, weight_decay,
                                  max_norm, eval_every, checkpoint_path, resume=False) -> history: the capstone,
                                  the learner's own loop with the learner's own pieces; see its docstring
@@ -47,6 +49,7 @@ from exercises.checks.clip_grad_norm import check_clip_grad_norm
 from exercises.checks.cross_entropy import check_cross_entropy
 from exercises.checks.early_stopping import check_early_stopping
 from exercises.checks.grad_accumulation import check_grad_accumulation
+from exercises.checks.gradient_all_reduce import check_gradient_all_reduce
 from exercises.checks.harness import ExerciseFailed, judge, run, run_to_file
 from exercises.checks.label_smoothing import check_label_smoothing
 from exercises.checks.loss_scaler import check_loss_scaler
@@ -67,5 +70,5 @@ __all__ = [
     "ExerciseFailed", "TIME_LIMIT_S", "GRACE_S", "WATCHDOG_NOTE", "CAPSTONE_UPDATES", "check_cross_entropy",
     "check_adamw", "check_clip_grad_norm", "check_cosine_schedule", "check_wsd_schedule", "check_lr_finder",
     "check_early_stopping", "check_label_smoothing", "check_grad_accumulation",
-    "check_loss_scaler", "check_resume", "check_muon", "check_training_loop", "run", "run_to_file", "judge",
+    "check_loss_scaler", "check_resume", "check_muon", "check_gradient_all_reduce", "check_training_loop", "run", "run_to_file", "judge",
 ]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import linecache
 import math
 import numbers
 import os
@@ -99,14 +100,20 @@ _NOT_THE_LEARNERS = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname
                      os.path.dirname(contextlib.__file__))
 
 
-def _learner_line(error):
-    """' (line N: `code`)' for the learner's line that raised, when we can tell."""
-    frames = [frame for frame in traceback.extract_tb(error.__traceback__)
-              if not frame.filename.startswith(_NOT_THE_LEARNERS)]
+def learner_line(frames):
+    """' (at line N: `code`)' for the innermost of `frames`, (file name, line number) pairs with the innermost
+    last, that is the learner's code; '' when none is."""
+    frames = [(filename, lineno) for filename, lineno in frames if not filename.startswith(_NOT_THE_LEARNERS)]
     if not frames:
         return ""
-    frame = frames[-1]
-    return f" (at line {frame.lineno}: `{frame.line}`)" if frame.line else f" (at line {frame.lineno})"
+    filename, lineno = frames[-1]
+    line = linecache.getline(filename, lineno).strip()
+    return f" (at line {lineno}: `{line}`)" if line else f" (at line {lineno})"
+
+
+def _learner_line(error):
+    """learner_line() of the frames an exception went through."""
+    return learner_line((frame.filename, frame.lineno) for frame in traceback.extract_tb(error.__traceback__))
 
 
 def call_candidate(what, inputs, fn, *args, hints=(), guard=None, time_limit=None, **kwargs):
@@ -186,7 +193,7 @@ def _numpy_scalar(value):
         "bool_")}
 
 
-def _to_plain_data(value, depth=0):
+def to_plain_data(value, depth=0):
     """value as JSON-able data: tensors, numbers, strings, None, lists, tuples, dicts; anything else by type name.
     Only the exact types count (a subclass of float, Tensor or list that the answer defines is an object): so no
     method of the answer's runs here, after the guard has let go."""
@@ -211,18 +218,18 @@ def _to_plain_data(value, depth=0):
     if isinstance(value, numbers.Real):
         return float(value)
     if isinstance(value, list):
-        return [_to_plain_data(item, depth + 1) for item in value]
+        return [to_plain_data(item, depth + 1) for item in value]
     if isinstance(value, tuple):
-        return {"__tuple__": [_to_plain_data(item, depth + 1) for item in value]}
+        return {"__tuple__": [to_plain_data(item, depth + 1) for item in value]}
     if isinstance(value, dict) and all(type(key) is str for key in value):
-        return {"__dict__": {key: _to_plain_data(item, depth + 1) for key, item in value.items()}}
+        return {"__dict__": {key: to_plain_data(item, depth + 1) for key, item in value.items()}}
     return {"__object__": type(value).__name__}
 
 
-def _from_plain_data(data):
-    """The values _to_plain_data wrote, rebuilt (an object of another type as a Foreign)."""
+def from_plain_data(data):
+    """The values to_plain_data wrote, rebuilt (an object of another type as a Foreign)."""
     if isinstance(data, list):
-        return [_from_plain_data(item) for item in data]
+        return [from_plain_data(item) for item in data]
     if not isinstance(data, dict):
         return data
     (tag, content), = data.items()
@@ -232,9 +239,9 @@ def _from_plain_data(data):
             raise ValueError(f"not a dtype the run writes: {dtype!r}")
         return torch.tensor(values, dtype=getattr(torch, dtype)).reshape(shape)
     if tag == "__tuple__":
-        return tuple(_from_plain_data(item) for item in content)
+        return tuple(from_plain_data(item) for item in content)
     if tag == "__dict__":
-        return {key: _from_plain_data(item) for key, item in content.items()}
+        return {key: from_plain_data(item) for key, item in content.items()}
     return Foreign(content)
 
 
@@ -287,7 +294,7 @@ def run(check, candidate):
         RUNS[check](candidate, records, CallGuard(BY_CHECK[check].slug))
     except ExerciseFailed as error:
         records.append({"failed": str(error)})
-    return {"records": [_to_plain_data(record) for record in records], "origin": origin}
+    return {"records": [to_plain_data(record) for record in records], "origin": origin}
 
 
 def run_to_file(check, candidate, path):
@@ -309,7 +316,7 @@ def judge(check, data, *, notebook=False):
             raise ExerciseFailed(f"refused: `{name}` is not defined in your notebook"
                                  + (f": its code comes from {where}" if where else "")
                                  + ". Write it in the answer cell")
-    records = _Records([_from_plain_data(record) for record in data["records"]])
+    records = _Records([from_plain_data(record) for record in data["records"]])
     JUDGES[check](records)
     if records.position != len(records.records):  # exactly one record per case the check tried
         raise ExerciseFailed(f"the run of your answer sent back {len(records.records)} records where the check "
