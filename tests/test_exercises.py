@@ -706,6 +706,14 @@ HIDDEN_CALLS = [
     ("linear-schedule", "import training\n\ndef linear_lr(step, max_lr, min_lr, warmup_steps, total_steps):\n"
                         "    return training.linear_lr(step, max_lr=max_lr, min_lr=min_lr, "
                         "warmup_steps=warmup_steps, total_steps=total_steps)", "training.linear_lr"),
+    # in a thread that library code starts: the guard's hook and its dispatch mode follow it there
+    ("cross-entropy", "import asyncio\nimport torch.nn.functional as F\nhidden = getattr(F, 'cross_' + 'entropy')\n\n"
+                      "def cross_entropy(logits, targets):\n"
+                      "    return asyncio.run(asyncio.to_thread(hidden, logits, targets))",
+     "torch.nn.functional.cross_entropy"),
+    ("cross-entropy", "import asyncio\n\ndef cross_entropy(logits, targets):\n"
+                      "    log_p = asyncio.run(asyncio.to_thread(torch.ops.aten._log_softmax, logits, -1, False))\n"
+                      "    return -log_p[torch.arange(len(targets)), targets].mean()", "torch.ops.aten._log_softmax"),
 ]
 
 
