@@ -22,7 +22,7 @@ in-memory /tmp of TMP_SIZE; the rest of its file tree is read-only. Nothing else
 The process limit, and why the kernel runs under a uid of its own when the grader is root. Linux
 exempts root (uid 0 outside every user namespace) from RLIMIT_NPROC, and bwrap started by root maps
 root to root, so a fork bomb in a root grader's sandbox would take every PID of the machine. Measured
-on Linux 6.x (a kernel that forks until it fails, under prlimit --nproc=20):
+on Linux 6.18 (Python forking until it fails, under prlimit --nproc=20):
 
   grader       how the kernel runs                                         forks before EAGAIN
   root         bwrap --unshare-all (root inside, root outside)             no limit (40 of 40)
@@ -31,17 +31,18 @@ on Linux 6.x (a kernel that forks until it fails, under prlimit --nproc=20):
 
 So, when the grader is root, bwrap runs without a user namespace (it needs none as root), keeps only
 CAP_SETUID, CAP_SETGID and CAP_SETPCAP, and setpriv, inside the sandbox and after every mount,
-switches to a uid and gid of the sandbox's own (sandbox_uid(): from 2**30 up, where accounts and the
-usual /etc/subuid ranges are not, and different for every sandbox alive on the machine, because
-RLIMIT_NPROC counts a uid's processes machine-wide),
-without supplementary groups, inheritable or bounding capabilities (bwrap also sets no_new_privs).
-The kernel then holds no capability, cannot raise its hard limits, and its uid owns nothing but its
-box (chowned to it with the connection file). Switching before bwrap instead (setpriv, then an
-unprivileged bwrap) fails where the interpreter lives under a folder only root may enter (pyenv under
-/root): bwrap would then open the binds as that uid. Inside the sandbox the bound folders hang from
-bwrap's own folders, so only their own permissions count. Not root: the user namespace already
-counts the sandbox's processes alone. A cgroup pids limit would also work, but needs a cgroup
-hierarchy the grader may write (under cgroup v2, a delegated subtree), where a uid needs nothing.
+switches to a uid and gid of the sandbox's own, without supplementary groups, inheritable or
+bounding capabilities (bwrap also sets no_new_privs). sandbox_uid() picks them from 2**30 up, where
+accounts and the usual /etc/subuid ranges are not, different for every sandbox alive on the machine
+(RLIMIT_NPROC counts a uid's processes machine-wide: a shared uid would be a shared limit). The
+kernel then holds no capability, cannot raise its hard limits, and its uid owns nothing but its box
+(chowned to it, with the connection file). Inside the sandbox the bound folders hang from folders
+bwrap makes (here 0755, and /tmp 1777), so only the bound folders' own permissions count. Switching
+before bwrap instead (setpriv, then an unprivileged bwrap) fails where the interpreter lives under a
+folder only root may enter (pyenv under /root), because bwrap would open the binds as that uid. Not
+root: the user namespace already counts the sandbox's processes alone. A cgroup pids limit would
+also work, but needs a cgroup hierarchy the grader may write (under cgroup v2, a delegated
+subtree), where a uid needs nothing.
 
 `problem()` says why the sandbox cannot run here (no bwrap, no user namespaces, not Linux, a root
 that cannot switch uid), or None.
