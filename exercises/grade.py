@@ -21,7 +21,10 @@ given --no-sandbox, which it then warns about on stderr and under the table.
 
 A candidate that loops forever, crashes or kills the kernel costs only its own notebook: it
 scores 0 with the reason, and the others are still graded. A call that outlives its time limit
-is interrupted; one that keeps running (a bare `except:` around a loop) ends its kernel.
+is interrupted; one that keeps running (a bare `except:` around a loop) ends its kernel. The check
+cell as a whole has its exercise's budget (`check_budget`), enforced from this process by killing
+the sandbox: a call that the in-kernel limits cannot stop (one long computation in C, holding the
+interpreter) costs that budget, not --check-timeout.
 
 Scores: 1 when the check passes, 0 otherwise. While it grades, the grader prints a line on stderr
 as each notebook finishes (``[3/12] alice/04-cosine-schedule.ipynb: cosine-schedule, score 1, 2.3 s``);
@@ -63,15 +66,16 @@ from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
 from course.colab import setup_cell_source
 from exercises import checks, sandbox
-from exercises.catalog import BY_SLUG, EXERCISES
+from exercises.catalog import BY_SLUG, CHECK_BUDGET_S, EXERCISES
 from exercises.integrity import scan
 
-__all__ = ["Grade", "answer_cells", "find_notebooks", "identify", "grade_notebook", "grade_paths", "progress_printer",
-           "main"]
+__all__ = ["Grade", "answer_cells", "check_budget", "find_notebooks", "identify", "grade_notebook", "grade_paths",
+           "progress_printer", "main"]
 
 CELL_TIMEOUT_S = 120.0   # per learner cell
 CALL_TIMEOUT_S = 20.0    # per call of the candidate inside the check (exercises.checks.TIME_LIMIT_S)
 CHECK_TIMEOUT_S = 600.0  # for the grader's own cells, importing torch and running every case: a backstop
+BUDGET_SCALE = 1.0       # times every exercise's check_budget_s (exercises/catalog.py)
 MAX_NOTEBOOK_BYTES = 64 * 2 ** 20  # a submission larger than this is not read
 MAX_RESULT_BYTES = 64 * 2 ** 20    # nor a check's result
 MAX_REASON_CHARS = 2000
@@ -171,6 +175,27 @@ if {exercise.candidate!r} in globals():
 """
 
 
+def check_budget(exercise, *, call_timeout=CALL_TIMEOUT_S, check_timeout=CHECK_TIMEOUT_S, budget_scale=BUDGET_SCALE):
+    """Seconds the grader's check cell may run for `exercise`: its check_budget_s times `budget_scale`, never
+    less than one call's time limit and grace (so that --call-timeout alone governs one slow call), never more
+    than `check_timeout`."""
+    return min(check_timeout, max(exercise.check_budget_s * budget_scale, call_timeout + checks.GRACE_S))
+
+
+# Errors that mean the answer ran into one of the sandbox's limits: what its reason then adds.
+_LIMIT_ERRORS = (
+    (re.compile(r"\bMemoryError\b|can't allocate memory|Cannot allocate memory"),
+     f"the sandbox's limit of {sandbox.ADDRESS_SPACE // 2 ** 30} GiB of address space"),
+    (re.compile(r"\bBlockingIOError\b|Resource temporarily unavailable|can't start new thread"),
+     f"the sandbox's limit of {sandbox.PROCESSES} processes and threads"),
+)
+
+
+def _naming_the_limit(reason):
+    limits = [limit for pattern, limit in _LIMIT_ERRORS if pattern.search(reason)]
+    return reason + "".join(f" [this ran into {limit}]" for limit in limits)
+
+
 def _first_error(cells):
     for index, cell in cells:
         for output in cell.get("outputs", []):
@@ -180,10 +205,11 @@ def _first_error(cells):
 
 
 def grade_notebook(path, *, cell_timeout=CELL_TIMEOUT_S, call_timeout=CALL_TIMEOUT_S,
-                   check_timeout=CHECK_TIMEOUT_S, learner=None, copy=None, use_sandbox=True):
+                   check_timeout=CHECK_TIMEOUT_S, budget_scale=BUDGET_SCALE, learner=None, copy=None,
+                   use_sandbox=True):
     """Read, run and judge one learner notebook; returns a Grade. `copy`, if given, is the file to read
     instead of `path` (grade_paths copies every submission first); with `use_sandbox` (the default) its
-    kernel runs in the OS sandbox (exercises/sandbox.py)."""
+    kernel runs in the OS sandbox (exercises/sandbox.py). The check cell may run check_budget(...) seconds."""
     path = Path(path)
     started = time.monotonic()
     learner = learner if learner is not None else path.parent.name or "."
@@ -213,7 +239,7 @@ def grade_notebook(path, *, cell_timeout=CELL_TIMEOUT_S, call_timeout=CALL_TIMEO
         box.mkdir()
         (box / path.name).write_bytes(raw)  # the kernel's working folder holds a copy of its own notebook only
         passed, reason = _run_and_judge(path, exercise, cells, Path(scratch), cell_timeout, call_timeout,
-                                        check_timeout, use_sandbox=use_sandbox)
+                                        check_timeout, budget_scale=budget_scale, use_sandbox=use_sandbox)
     return result(exercise, passed, reason)
 
 
@@ -225,9 +251,12 @@ def _read_limited(path, limit):
     return data
 
 
-def _run_and_judge(path, exercise, cells, scratch, cell_timeout, call_timeout, check_timeout, *, use_sandbox=True):
-    """(passed, reason): run the answer cells and the grading cell in a fresh kernel (in the sandbox whose
-    box is scratch/box), judge what comes back once the kernel and everything it started are dead."""
+def _run_and_judge(path, exercise, cells, scratch, cell_timeout, call_timeout, check_timeout, *,
+                   budget_scale=BUDGET_SCALE, use_sandbox=True):
+    """(passed, reason): run the answer cells and the grading cell (for at most the exercise's check_budget) in
+    a fresh kernel (in the sandbox whose box is scratch/box), judge what comes back once the kernel and everything
+    it started are dead."""
+    budget = check_budget(exercise, call_timeout=call_timeout, check_timeout=check_timeout, budget_scale=budget_scale)
     box = Path(scratch) / "box"
     box.mkdir(exist_ok=True)
     result_path, note_path = box / "result.json", box / "watchdog.txt"
@@ -244,12 +273,14 @@ def _run_and_judge(path, exercise, cells, scratch, cell_timeout, call_timeout, c
             return f" (in cell {cells[running[-1] - 1][0]})"
         return " (while checking your answer)"
 
-    def timeout(cell):
+    def timeout(cell):  # nbclient enforces these from this process: the kernel cannot stop them
+        if cell is grading_cell:
+            return budget
         return cell_timeout if any(cell is learner_cell for learner_cell in learner_cells) else check_timeout
 
     # The whole notebook's wall clock, enforced from here by killing its sandbox: whatever the kernel does with
     # signals, timers or the GIL, and even if the kernel stops answering nbclient.
-    deadline_s = 2 * check_timeout + len(cells) * cell_timeout + 30
+    deadline_s = check_timeout + budget + len(cells) * cell_timeout + 30
     km = sandbox.SandboxedKernelManager(box, cpu_seconds=deadline_s * max(2, os.cpu_count() or 1)) if use_sandbox \
         else None
     client = NotebookClient(run, km=km, kernel_name="python3", allow_errors=True, timeout_func=timeout,
@@ -270,8 +301,14 @@ def _run_and_judge(path, exercise, cells, scratch, cell_timeout, call_timeout, c
         # the kernel's own stdout/stderr (ZMQ and debugger warnings) would land in the grader's console
         client.execute(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except CellTimeoutError:
-        limit = cell_timeout if 1 <= running[-1] <= len(cells) else check_timeout
-        outcome = False, f"a cell ran longer than {limit:g} s (an infinite loop?){where()}"
+        if running[-1] == len(run.cells) - 1:
+            limit = "the grader's --check-timeout" if budget == check_timeout else "this exercise's budget"
+            outcome = False, (f"checking your answer ran longer than {limit} of {budget:g} s: a call of "
+                              f"`{exercise.candidate}` ran on past its {call_timeout:g} s limit (one long computation "
+                              f"that cannot be interrupted?) or every call is slow")
+        else:
+            limit = cell_timeout if 1 <= running[-1] <= len(cells) else check_timeout
+            outcome = False, f"a cell ran longer than {limit:g} s (an infinite loop?){where()}"
     except DeadKernelError:
         outcome = "dead"
     except Exception as error:  # a kernel that cannot start, ...
@@ -286,7 +323,9 @@ def _run_and_judge(path, exercise, cells, scratch, cell_timeout, call_timeout, c
     if outcome == "dead":
         if note_path.is_file():  # the in-kernel watchdog's note: only ever a reason to score 0
             return False, _read_limited(note_path, 4096).decode("utf-8", "replace")
-        return False, f"the kernel died (the notebook crashed Python or ran out of memory){where()}"
+        return False, (f"the kernel died (the notebook crashed Python, or ran into a limit of the sandbox: "
+                       f"{sandbox.ADDRESS_SPACE // 2 ** 30} GiB of address space, {sandbox.FILE_SIZE // 2 ** 20} MiB "
+                       f"per file, CPU time){where()}")
     if outcome is not None:
         return outcome
     if not result_path.is_file():
@@ -294,8 +333,8 @@ def _run_and_judge(path, exercise, cells, scratch, cell_timeout, call_timeout, c
         if grader_error:
             return False, f"the check did not report a result: {grader_error}"
         error = _first_error(zip((number for number, _ in cells), learner_cells))
-        return False, f"`{exercise.candidate}` is not defined after running the notebook" + (f": {error}" if error
-                                                                                           else "")
+        return False, _naming_the_limit(f"`{exercise.candidate}` is not defined after running the notebook"
+                                        + (f": {error}" if error else ""))
     try:
         data = read_result(result_path)
     except (OSError, ValueError) as error:
@@ -303,7 +342,7 @@ def _run_and_judge(path, exercise, cells, scratch, cell_timeout, call_timeout, c
     try:
         checks.judge(exercise.check, data, notebook=True)
     except checks.ExerciseFailed as failure:
-        return False, str(failure)
+        return False, _naming_the_limit(str(failure))
     except Exception as error:  # data that does not have the shape the judge expects
         return False, f"the answer's run sent back data the grader cannot read ({type(error).__name__}: {error})"
     return True, ""
@@ -486,8 +525,12 @@ def main(argv=None):
                         help=f"seconds each call of the candidate may run inside the check "
                              f"(default {CALL_TIMEOUT_S:g})")
     parser.add_argument("--check-timeout", type=float, default=CHECK_TIMEOUT_S,
-                        help=f"seconds for the grader's own cells: importing torch, then the whole check "
-                             f"(default {CHECK_TIMEOUT_S:g})")
+                        help=f"seconds for the grader's own cells: importing torch, and at most this for the whole "
+                             f"check, whatever the exercise's budget (default {CHECK_TIMEOUT_S:g})")
+    parser.add_argument("--budget-scale", type=float, default=BUDGET_SCALE, metavar="FACTOR",
+                        help="multiplies every exercise's budget for its check cell (exercises/catalog.py: "
+                             f"check_budget_s, by default {CHECK_BUDGET_S:g} s): above 1 for a slow machine "
+                             f"(default {BUDGET_SCALE:g})")
     parser.add_argument("--jobs", type=int, default=1, help="notebooks graded at once (default 1)")
     parser.add_argument("--no-sandbox", action="store_true",
                         help="run the kernels without the OS sandbox (bubblewrap): NOT safe for credit; for a machine "
@@ -495,8 +538,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.getLogger("traitlets").setLevel(logging.ERROR)  # kernel-start chatter would break up the table
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "Task was destroyed" when a sandboxed kernel is killed
-    if min(args.cell_timeout, args.call_timeout, args.check_timeout) <= 0 or args.jobs < 1:
-        parser.error("the timeouts must be positive, --jobs at least 1")
+    if min(args.cell_timeout, args.call_timeout, args.check_timeout, args.budget_scale) <= 0 or args.jobs < 1:
+        parser.error("the timeouts and --budget-scale must be positive, --jobs at least 1")
     try:
         notebooks = find_notebooks(args.paths)
     except FileNotFoundError as error:
@@ -516,7 +559,8 @@ def main(argv=None):
     print(f"grading {len(notebooks)} notebook(s) ...", file=sys.stderr, flush=True)
     grades = grade_paths(notebooks, jobs=args.jobs, on_graded=progress_printer(len(notebooks)),
                          cell_timeout=args.cell_timeout, call_timeout=args.call_timeout,
-                         check_timeout=args.check_timeout, use_sandbox=not args.no_sandbox)
+                         check_timeout=args.check_timeout, budget_scale=args.budget_scale,
+                         use_sandbox=not args.no_sandbox)
     try:
         digests = _write(grades, args.out)  # every sandbox has ended: grade_paths waited for each
     except OSError as error:

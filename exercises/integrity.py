@@ -24,6 +24,7 @@ import inspect
 import os
 import re
 import sys
+import threading
 import types
 
 import torch
@@ -345,7 +346,9 @@ class _OpGuard(TorchDispatchMode):
 
 class CallGuard:
     """sys.setprofile hook that raises Refused when a banned function is called; with it, a dispatch mode that
-    refuses the exercise's banned ATen operators."""
+    refuses the exercise's banned ATen operators. Both also hold in every thread that the `threading` module
+    starts while the guard is on (library code's threads: asyncio.to_thread, thread pools), for that thread's
+    life."""
 
     def __init__(self, slug):
         self.ops = BANNED_OPS.get(slug, set())
@@ -400,13 +403,23 @@ class CallGuard:
         self.mode = _OpGuard(self.ops, self) if self.ops else None
         if self.mode is not None:
             self.mode.__enter__()
-        self.previous = sys.getprofile()
+        self.previous, self.previous_for_threads = sys.getprofile(), threading.getprofile()
+        threading.setprofile(self._in_a_new_thread)
         sys.setprofile(self)
         return self
 
     def __exit__(self, *exc):
         sys.setprofile(self.previous)
+        threading.setprofile(self.previous_for_threads)
         if self.mode is not None:
             self.mode.__exit__(None, None, None)
         return False
+
+    def _in_a_new_thread(self, frame, event, arg):
+        """A new thread's first profile event (threading installs this hook): from then on the guard itself is
+        the thread's hook, and its dispatch mode, which belongs to one thread, is entered for the thread's life."""
+        sys.setprofile(self)
+        if self.ops:
+            _OpGuard(self.ops, self).__enter__()
+        self(frame, event, arg)
 

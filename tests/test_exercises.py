@@ -886,6 +886,17 @@ HIDDEN_CALLS = [
      "torch.nn.parallel.DistributedDataParallel"),
     ("gradient-all-reduce", "from m07_training import distributed\n\ndef sync_gradients(model, local_tokens):\n"
                             "    distributed.wait_for_all(distributed.Ranks(world_size=2))", "m07_training.distributed"),
+    # in a thread that library code starts: the guard's hook and its dispatch mode follow it there
+    ("clip-grad-norm", "import asyncio\nhidden = getattr(torch.nn.utils, 'clip_grad_' + 'norm_')\n\n"
+                       "def clip_grad_norm(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False):\n"
+                       "    return asyncio.run(asyncio.to_thread(hidden, parameters, max_norm, norm_type))",
+     "torch.nn.utils.clip_grad_norm_"),
+    ("cross-entropy", "import asyncio\n\nclass CrossEntropy(torch.autograd.Function):\n    @staticmethod\n"
+                      "    def forward(ctx, logits, targets):\n"
+                      "        log_p = asyncio.run(asyncio.to_thread(torch.ops.aten._log_softmax, logits, -1, False))\n"
+                      "        return -log_p[torch.arange(len(targets)), targets].mean()\n\n    @staticmethod\n"
+                      "    def backward(ctx, grad_output):\n        return None, None",
+     "torch.ops.aten._log_softmax"),
 ]
 
 

@@ -11,12 +11,14 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from exercises import grade
+from exercises import checks, grade
+from exercises.catalog import BY_SLUG, CHECK_BUDGET_S
 from exercises.integrity import scan
 
 from answers import LR_FINDER_WITH_SWEEP
@@ -321,3 +323,11 @@ def test_answer_cells_skip_the_check_cell_but_keep_an_answer_that_calls_it():
     exercise = grade.identify(notebook, "submission.ipynb")
     assert exercise.slug == "cosine-schedule"  # found from the function it defines
     assert [number for number, _ in grade.answer_cells(notebook, exercise)] == [2, 3]
+
+
+def test_the_check_budget_is_the_exercises_scaled_at_least_one_call_at_most_check_timeout():
+    cosine = BY_SLUG["cosine-schedule"]
+    assert grade.check_budget(cosine) == CHECK_BUDGET_S
+    assert grade.check_budget(replace(cosine, check_budget_s=300.0), budget_scale=2) == 600.0
+    assert grade.check_budget(cosine, budget_scale=0.01, call_timeout=5) == 5 + checks.GRACE_S
+    assert grade.check_budget(replace(cosine, check_budget_s=900.0), check_timeout=400) == 400

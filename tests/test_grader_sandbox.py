@@ -2,8 +2,9 @@
 
 One grading run of the command line over a class of cheats, saboteurs and two honest learners is shared by
 the tests below: every cheat scores 0 with its reason, the honest notebooks score 1, and what the saboteurs
-tried (the network, the submissions folder, --out, solutions/, forged table rows, a kernel that ignores its
-time limits) left no trace. The run is skipped where bubblewrap cannot run (the grader refuses there).
+tried (the network, the submissions folder, --out, solutions/, forged table rows) left no trace. A second,
+short run (LIMITS) meets the sandbox's limits: a kernel that its own time limits cannot stop, a fork bomb and a
+memory hog. The runs are skipped where bubblewrap cannot run (the grader refuses there).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from test_grader import CE_HEAD, CE_TAIL, CROSS_ENTROPY, WRONG, submission
 
 ROOT = Path(__file__).resolve().parent.parent
 COSINE = "solutions/04-cosine-schedule.ipynb"
-CHECK_TIMEOUT_S = 30.0  # the kernel that holds the GIL runs into this outside deadline
+CHECK_TIMEOUT_S = 30.0  # an upper bound on each check cell
 
 pytestmark = pytest.mark.skipif(sandbox.problem() is not None, reason=f"no sandbox here: {sandbox.problem()}")
 
@@ -122,13 +123,12 @@ HOSTILE = {
                   "def cosine_lr(*args):\n    return Sly(0.0)", COSINE, None, 0, "Sly"),
                  ("01-cross-entropy.ipynb", "class Sly(torch.Tensor):\n    pass\n\n" + CE_HEAD +
                   "    return torch.zeros(()).as_subclass(Sly)" + CE_TAIL, CROSS_ENTROPY, None, 0, "Sly")],
-    # (c) sabotage of the grader, its outputs and other learners; (d) a kernel its own time limits cannot stop
+    # (c) sabotage of the grader, its outputs and other learners (a kernel its own time limits cannot stop, a fork
+    # bomb and a memory hog: see LIMITS below)
     "saboteur": [("04-cosine-schedule.ipynb", "ESCAPES", COSINE, None, 1, ""),  # right, and nothing escaped
                  ("04-cosine-schedule-forge.ipynb", "def cosine_lr(*args):\n"
                   "    raise ValueError(('\\nmallory  x.ipy' + 'nb  cosine-schedule  1  passed\\n') * 3)", COSINE, None, 0,
-                  "raised ValueError"),
-                 ("04-cosine-schedule-gil.ipynb", "def cosine_lr(*args):\n    return sum(range(10 ** 13))", COSINE, None,
-                  0, f"a cell ran longer than {CHECK_TIMEOUT_S:g} s")],
+                  "raised ValueError")],
 }
 
 
@@ -219,12 +219,69 @@ def test_forged_rows_do_not_reach_the_table_and_the_digests_match_the_files(grad
     assert report["totals"]["honest"] == 3  # the victim among them, graded as submitted
 
 
-@pytest.mark.slow  # shares one grading run
-def test_a_kernel_holding_the_gil_is_ended_from_outside(graded):
-    """sum(range(10**13)) never gives the in-kernel alarm or watchdog a chance: the grader's own deadline ends
-    the sandbox, and the run as a whole stays within that deadline plus the other kernels."""
-    assert graded["seconds"] < CHECK_TIMEOUT_S + 110, graded["seconds"]
-    assert graded["status"] == 1
+# One short run against the limits, beside an honest learner graded at the same time (--jobs 4). Each bomb is
+# bounded, so that a sandbox whose limit failed cannot take the machine: it then merely scores 0 for another reason.
+BUDGET_SCALE = 0.05  # cosine-schedule's budget: max(60 s x 0.05, --call-timeout 1 + grace 2) = 3 s
+LIMITS_CHECK_TIMEOUT_S = 120.0  # what a kernel that holds the interpreter would take without its budget
+LIMITS = {
+    "honest/04-cosine-schedule.ipynb": (RIGHT_COSINE, 1, ""),
+    # one call that neither the alarm nor the watchdog thread can interrupt: C code holding the GIL
+    "stuck/04-cosine-schedule.ipynb": ("def cosine_lr(*args):\n    return sum(range(10 ** 13))", 0,
+                                       "checking your answer ran longer than this exercise's budget of 3 s"),
+    # starts 4 times the process limit, each holding its slot, outside any call: in the answer cell itself
+    # (posix_spawn, not fork: a fork of a kernel that has imported torch takes tens of milliseconds)
+    "forker/04-cosine-schedule.ipynb": (
+        "import os\n\nspawn = getattr(os, 'posix_' + 'spawn')\nfor _ in range(4 * 256):\n"
+        "    spawn('/bin/sleep', ['sleep', '60'], {})\n\n" + RIGHT_COSINE, 0,
+        f"[this ran into the sandbox's limit of {sandbox.PROCESSES} processes and threads]"),
+    # maps more than the address-space limit but less than this machine's memory (torch.empty touches no page)
+    "hog/04-cosine-schedule.ipynb": (
+        f"import torch\n\ndef cosine_lr(*args):\n    return float(torch.empty({sandbox.ADDRESS_SPACE * 5 // 4}, dtype=torch.uint8)[0])",
+        0, f"[this ran into the sandbox's limit of {sandbox.ADDRESS_SPACE // 2 ** 30} GiB of address space]"),
+}
+
+
+@pytest.fixture(scope="module")
+def limits_graded(tmp_path_factory):
+    root, out = tmp_path_factory.mktemp("limits"), tmp_path_factory.mktemp("limits-grades")
+    for name, (source, _, _) in LIMITS.items():
+        learner, file = name.split("/")
+        submission(root / learner, file, source, COSINE)
+    started = time.monotonic()
+    completed = subprocess.run(
+        [sys.executable, "-m", "exercises.grade", str(root), "--out", str(out), "--jobs", str(len(LIMITS)),
+         "--cell-timeout", "20", "--call-timeout", "1", "--check-timeout", str(LIMITS_CHECK_TIMEOUT_S),
+         "--budget-scale", str(BUDGET_SCALE)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert completed.returncode == 1, completed.stderr
+    return dict(rows=_rows(dict(out=out, root=root)), seconds=time.monotonic() - started)
+
+
+def _graded_as_expected(limits_graded, name):
+    """`name` and the honest learner graded in the same run got their score and reason; `name`'s row."""
+    for learner in (name, "honest/04-cosine-schedule.ipynb"):
+        row = limits_graded["rows"][learner]
+        _, score, reason = LIMITS[learner]
+        assert int(row["score"]) == score and reason in row["reason"], (learner, row["reason"])
+    return limits_graded["rows"][name]
+
+
+def test_a_kernel_its_own_time_limits_cannot_stop_ends_at_its_exercises_budget(limits_graded):
+    """sum(range(10**13)) never gives the in-kernel alarm or watchdog a chance: the grader ends the sandbox at the
+    exercise's budget (3 s here, after its kernel's start), not at --check-timeout."""
+    row = _graded_as_expected(limits_graded, "stuck/04-cosine-schedule.ipynb")
+    assert float(row["seconds"]) < LIMITS_CHECK_TIMEOUT_S / 4
+    assert limits_graded["seconds"] < LIMITS_CHECK_TIMEOUT_S / 2
+
+
+def test_a_fork_bomb_is_stopped_by_the_process_limit(limits_graded):
+    """Root included: a root grader runs each kernel under a uid of its own, for which RLIMIT_NPROC counts."""
+    row = _graded_as_expected(limits_graded, "forker/04-cosine-schedule.ipynb")
+    assert "`cosine_lr` is not defined" in row["reason"] and "raised BlockingIOError" in row["reason"]
+
+
+def test_a_memory_hog_is_stopped_by_the_address_space_limit(limits_graded):
+    row = _graded_as_expected(limits_graded, "hog/04-cosine-schedule.ipynb")
+    assert "can't allocate memory" in row["reason"]
 
 
 def _kernel_probe(tmp_path, code):
