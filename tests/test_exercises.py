@@ -890,7 +890,7 @@ HIDDEN_CALLS = [
     ("clip-grad-norm", "import asyncio\nhidden = getattr(torch.nn.utils, 'clip_grad_' + 'norm_')\n\n"
                        "def clip_grad_norm(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False):\n"
                        "    return asyncio.run(asyncio.to_thread(hidden, parameters, max_norm, norm_type))",
-     "torch.nn.utils.clip_grad_norm_"),
+     "torch.nn.utils.clip_grad"),
     ("cross-entropy", "import asyncio\n\nclass CrossEntropy(torch.autograd.Function):\n    @staticmethod\n"
                       "    def forward(ctx, logits, targets):\n"
                       "        log_p = asyncio.run(asyncio.to_thread(torch.ops.aten._log_softmax, logits, -1, False))\n"
