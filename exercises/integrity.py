@@ -31,20 +31,22 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Names (module, function, class or tensor method ".name") each exercise may not use.
+# PyTorch's own versions of what the loss, AdamW and clipping exercises rebuild; the capstone bans all three.
+TORCH_LOSS = ["torch.nn.functional.cross_entropy", "torch.nn.functional.nll_loss", "torch.nn.functional.log_softmax",
+              "torch.log_softmax", "torch.logsumexp", "torch.special", "torch.nn.CrossEntropyLoss", "torch.nn.NLLLoss",
+              "torch.nn.LogSoftmax", ".log_softmax", ".logsumexp"]
+TORCH_ADAMW = ["torch.optim.AdamW", "torch.optim.Adam", "torch.optim.adamw", "torch.optim.adam", "torch._fused_adamw_",
+               "torch._fused_adam_"]
+TORCH_CLIP = ["torch.nn.utils.clip_grad_norm_", "torch.nn.utils.clip_grad_norm", "torch.nn.utils.get_total_norm",
+              "torch.nn.utils.clip_grad"]
 BANNED = {
-    "cross-entropy": ["torch.nn.functional.cross_entropy", "torch.nn.functional.nll_loss",
-                      "torch.nn.functional.log_softmax", "torch.log_softmax", "torch.logsumexp",
-                      "torch.special", "torch.nn.CrossEntropyLoss", "torch.nn.NLLLoss", "torch.nn.LogSoftmax",
-                      "training.cross_entropy", "m07_training.loss", ".log_softmax", ".logsumexp",
-                      # the backward is the learner's: no autograd of their own forward inside it
-                      "torch.autograd.grad", "torch.autograd.functional", "torch.func", "torch.enable_grad",
-                      "torch.set_grad_enabled"],
-    "adamw": ["torch.optim.AdamW", "torch.optim.Adam", "torch.optim.adamw", "torch.optim.adam",
-              "torch._fused_adamw_", "torch._fused_adam_", "training.AdamW", "training.MuonWithAdamW",
-              "m07_training.optimizers", "m07_training.muon", "._step_loop", "._adamw_group"],
-    "clip-grad-norm": ["torch.nn.utils.clip_grad_norm_", "torch.nn.utils.clip_grad_norm",
-                       "torch.nn.utils.get_total_norm", "torch.nn.utils.clip_grad", "training.clip_grad_norm",
-                       "m07_training.clipping"],
+    "cross-entropy": TORCH_LOSS + ["training.cross_entropy", "m07_training.loss",
+                                   # the backward is the learner's: no autograd of their own forward inside it
+                                   "torch.autograd.grad", "torch.autograd.functional", "torch.func",
+                                   "torch.enable_grad", "torch.set_grad_enabled"],
+    "adamw": TORCH_ADAMW + ["training.AdamW", "training.MuonWithAdamW", "m07_training.optimizers", "m07_training.muon",
+                            "._step_loop", "._adamw_group"],
+    "clip-grad-norm": TORCH_CLIP + ["training.clip_grad_norm", "m07_training.clipping"],
     "cosine-schedule": ["training.cosine_lr", "training.lr_of_update", "training.CosineScheduler",
                         "m07_training.schedules", "torch.optim.lr_scheduler"],
     "wsd-schedule": ["training.wsd_lr", "m07_training.schedules", "torch.optim.lr_scheduler"],
@@ -61,16 +63,10 @@ BANNED = {
                "m07_training.checkpoint"],
     # the capstone: every piece the loop is made of is the learner's own (torch.optim.Optimizer stays allowed, as
     # the base class of the learner's AdamW)
-    "training-loop": ["torch.optim.AdamW", "torch.optim.Adam", "torch.optim.SGD", "torch.optim.Muon",
-                      "torch.optim.adamw", "torch.optim.adam", "torch.optim.sgd", "torch.optim._muon",
-                      "torch.optim.lr_scheduler", "torch._fused_adamw_", "torch._fused_adam_",
-                      "torch.nn.functional.cross_entropy", "torch.nn.functional.nll_loss",
-                      "torch.nn.functional.log_softmax", "torch.log_softmax", "torch.logsumexp", "torch.special",
-                      "torch.nn.CrossEntropyLoss", "torch.nn.NLLLoss", "torch.nn.LogSoftmax", ".log_softmax",
-                      ".logsumexp", "torch.nn.utils.clip_grad_norm_", "torch.nn.utils.clip_grad_norm",
-                      "torch.nn.utils.get_total_norm", "torch.nn.utils.clip_grad", "training",
-                      "m07_training.loss", "m07_training.optimizers", "m07_training.muon", "m07_training.schedules",
-                      "m07_training.clipping", "m07_training.checkpoint", "m07_training.loop"],
+    "training-loop": TORCH_LOSS + TORCH_ADAMW + TORCH_CLIP + [
+        "torch.optim.SGD", "torch.optim.Muon", "torch.optim.sgd", "torch.optim._muon", "torch.optim.lr_scheduler",
+        "training", "m07_training.loss", "m07_training.optimizers", "m07_training.muon", "m07_training.schedules",
+        "m07_training.clipping", "m07_training.checkpoint", "m07_training.loop"],
     "muon": ["torch.optim.Muon", "torch.optim._muon", "training.Muon", "training.MuonWithAdamW",
              "training.newton_schulz", "m07_training.muon"],
     # DDP, FSDP and composable replicate average gradients themselves (the class or function first: the guard names
