@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import exercises.checks as settings
+from m07_training.data import get_batch
 from exercises.checks.harness import (ExerciseFailed, call_candidate, expected_and_got, is_close, register,
                                       require_callable, run_and_judge, type_name)
 
@@ -86,17 +87,10 @@ def _model(vocab_size, seed):
         return create_gpt_tiny(vocab_size, **MODEL)
 
 
-def _windows(ids, count, generator):
-    starts = torch.randint(len(ids) - _TIME, (count,), generator=generator)
-    x = torch.stack([ids[s:s + _TIME] for s in starts.tolist()])
-    y = torch.stack([ids[s + 1:s + 1 + _TIME] for s in starts.tolist()])
-    return x, y
-
-
 def _batch_list(train_ids, setting):
     """The batch of every update 1..steps, drawn before the loop starts (so `batches` runs no library code)."""
     generator = torch.Generator().manual_seed(1000 + setting.seed)
-    return [_windows(train_ids, _BATCH, generator) for _ in range(setting.steps)]
+    return [get_batch(train_ids, _BATCH, _TIME, generator=generator) for _ in range(setting.steps)]
 
 
 def _token_loss(logits, targets):
@@ -109,7 +103,8 @@ def _token_loss(logits, targets):
 
 def _val_batches(val_ids):
     generator = torch.Generator().manual_seed(7)
-    return [_windows(val_ids, 32, generator) for _ in range(8)]  # 8,192 characters, the same at every call
+    # 8,192 characters, the same at every call
+    return [get_batch(val_ids, 32, _TIME, generator=generator) for _ in range(8)]
 
 
 def _evaluate(model, val_batches):
@@ -192,16 +187,16 @@ def _run(fn, records, guard):
         def run(setting, name, seed=None, interrupt_at=None, resume=False):
             callbacks = _Callbacks(_batch_list(train_ids, setting), val_batches, interrupt_at)
             model = _model(vocab_size, setting.seed if seed is None else seed)
-            record = _call(fn, model, callbacks, setting, os.path.join(folder, name), guard, resume)
-            record["val_loss"] = _evaluate(model, val_batches)
-            return record
+            return _call(fn, model, callbacks, setting, os.path.join(folder, name), guard, resume), model
 
-        records.append(run(_SHORT, "short.pt"))
-        records.append(run(_RESUME, "resume.pt"))
-        records.append(run(_RESUME, "interrupted.pt", interrupt_at=_INTERRUPT_AT))
+        records.append(run(_SHORT, "short.pt")[0])
+        records.append(run(_RESUME, "resume.pt")[0])
+        records.append(run(_RESUME, "interrupted.pt", interrupt_at=_INTERRUPT_AT)[0])
         torch.manual_seed(12345)  # as in a new process: another global random state
-        records.append(run(_RESUME, "interrupted.pt", seed=99, resume=True))  # and other initial weights
-        records.append(run(_long(), "long.pt"))
+        records.append(run(_RESUME, "interrupted.pt", seed=99, resume=True)[0])  # and other initial weights
+        long, model = run(_long(), "long.pt")
+        long["val_loss"] = _evaluate(model, val_batches)  # the judge's one measure of the trained model
+        records.append(long)
 
 
 # ----------------------------------------------------------------------------------------
