@@ -9,16 +9,16 @@ m07_training/, the production twin of one lesson; import them from here:
     lesson 3  schedules     m07_training/schedules.py    cosine_lr, linear_lr, wsd_lr, CosineScheduler
     lesson 4  stability     m07_training/clipping.py     clip_grad_norm
               devices       m07_training/devices.py      pick_device, resolve_dtype, autocast
-              the doctor    m07_training/doctor.py       diagnose, read_history, unigram_loss
-    lesson 5  data          m07_training/data.py         CharTokenizer, load_corpus, get_batch
+    lesson 5  the doctor    m07_training/doctor.py       diagnose, read_history, unigram_loss
+    lesson 6  data          m07_training/data.py         CharTokenizer, load_corpus, get_batch
               download      m07_training/download.py     download_corpus (URL + SHA-256 + cache)
               checkpoints   m07_training/checkpoint.py   save_checkpoint, read_checkpoint, load_checkpoint
               a run's files m07_training/run_files.py    out_dir lock, atomic writes, history.jsonl
               the config    m07_training/config.py       TrainConfig, ADAMW_RECIPE, gpt_config
               the loop      m07_training/loop.py         train, update, evaluate
               sampling      m07_training/sampling.py     sample_text
-    lesson 6  torchrun      m07_training/distributed.py  ranks, devices and stops agreed by all processes
-    lesson 7  Muon          m07_training/muon.py         newton_schulz, Muon, MuonWithAdamW
+    lesson 7  torchrun      m07_training/distributed.py  ranks, devices and stops agreed by all processes
+    lesson 8  Muon          m07_training/muon.py         newton_schulz, Muon, MuonWithAdamW
 
 Run it:
     python training.py                     # tiny GPT on Shakespeare's plays, then a sample
@@ -70,8 +70,9 @@ __all__ = [
     "cosine_lr", "linear_lr", "wsd_lr", "CosineScheduler", "SCHEDULES", "lr_of_update",
     # lesson 4
     "clip_grad_norm", "pick_device", "has_native_bf16", "resolve_dtype", "autocast", "DTYPES",
-    "diagnose", "format_diagnosis", "read_history", "unigram_loss", "Finding",
     # lesson 5
+    "diagnose", "format_diagnosis", "read_history", "unigram_loss", "Finding",
+    # lesson 6
     "CharTokenizer", "Corpus", "VAL_FRACTION", "markdown_play_to_text", "shakespeare_plays", "split_text",
     "load_corpus", "get_batch", "batch_seed", "seeded_batches", "BatchSource",
     "download_corpus", "DOWNLOADS",
@@ -81,7 +82,7 @@ __all__ = [
     "sample_from_checkpoint", "plot_run",
     # measuring honestly: the whole validation split, and the counting ladder
     "Score", "score_text", "KneserNey", "ngram_ladder", "versus_ladder",
-    # lesson 7
+    # lesson 8
     "NS_COEFFICIENTS", "newton_schulz", "newton_schulz_dtype", "Muon", "MuonWithAdamW", "split_params_for_muon",
     # the command line
     "main", "build_parser", "cli_settings", "RESUME_MAY_CHANGE", "SettingConflict", "EXIT_CODES", "EXIT_DIVERGED",

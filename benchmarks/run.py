@@ -6,7 +6,7 @@ in the same run. Writes BENCHMARKS.md (tables, settings, versions) and PNG plots
     python benchmarks/run.py --gpu-only # section 6 alone on a CUDA machine -> benchmarks/GPU.md
 
 A full run spends most of its time training: section 5 (1 and 2 minutes), 5b (four 3-minute runs)
-and 7 (lesson 7's recipe against the one before it: each as the default run and for 5 minutes);
+and 7 (lesson 8's recipe against the one before it: each as the default run and for 5 minutes);
 the rest mostly compiling (section 3) and starting processes (section 4). Sections 1-5 use the
 shape and batch of TrainConfig's defaults, read when the script starts. Timings need a quiet
 machine: anything else running inflates them unevenly.
@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 FULL_RUN_SECONDS = {"overhead": 18, "optimizer": 1, "muon": 31, "speedups": 22, "scaling": 39, "ddp": 18,
                     "quality": 184, "depth": 663, "nanogpt": 42, "gpu": 0, "speedrun": 1066}
 # The two recipes of the speedrun section, named by what they are (not by when they were the default).
-ADAMW_LABEL, DEFAULT_LABEL = "ADAMW_RECIPE (lessons 1-6)", "TrainConfig() (python training.py)"
+ADAMW_LABEL, DEFAULT_LABEL = "ADAMW_RECIPE (lessons 1-7)", "TrainConfig() (python training.py)"
 # Sizes per mode. "model" is the GPT of the timed runs (training.MODEL_FIELDS): in full mode TrainConfig's
 # defaults, read at run time (see main), so the benchmark follows any retuning; in quick mode a tiny
 # shape with TrainConfig's architecture options.
@@ -496,7 +496,7 @@ def gpu_section(workdir):
 
 
 # ---------------------------------------------------------------------------------------- 7
-SPEEDRUN_TARGET = 1.56  # about the val loss the default run reached before lesson 7 (section 7, first row)
+SPEEDRUN_TARGET = 1.56  # about the val loss the default run reached before lesson 8 (section 7, first row)
 
 
 def seconds_to_reach(history, target):
@@ -514,7 +514,7 @@ def seconds_to_reach(history, target):
 
 
 def speedrun(mode, workdir):
-    """Lesson 7's recipe against the one before it: each as `python training.py` runs it and with a
+    """Lesson 8's recipe against the one before it: each as `python training.py` runs it and with a
     5-minute budget (--max-minutes), then the default with half the time ADAMW_RECIPE needed to
     reach SPEEDRUN_TARGET. Returns the text, the 5-minute curves and a dict of the goals' figures."""
     minutes, shape = mode["speedrun_min"], default_overrides(mode)
@@ -555,7 +555,7 @@ def speedrun(mode, workdir):
             f"{minutes:g}-minute budget (`--max-minutes {minutes:g}`: the LR decay laid over the time); the last row "
             f"gives the default half the time ADAMW_RECIPE took to reach val {SPEEDRUN_TARGET} (about where "
             f"its default run ends). Every run evaluates every {mode['speedrun_eval_interval']} updates, which "
-            f"does not change what it trains. The default differs from ADAMW_RECIPE in: {changes}; lesson 7 "
+            f"does not change what it trains. The default differs from ADAMW_RECIPE in: {changes}; lesson 8 "
             f"races each change on its own. Seconds are training time as --max-minutes counts it (from the first "
             f"update, evaluations included); the time to reach val {SPEEDRUN_TARGET} is interpolated between the two "
             f"evaluations around it. The default's fastest time to it (of its runs) over ADAMW_RECIPE's fastest: "
@@ -733,7 +733,7 @@ def main(argv=None):
                  ("depth", "5b. Depth at equal wall time", lambda: depth_per_time(mode, workdir)),
                  ("nanogpt", "5c. nanoGPT's CPU shape", lambda: nanogpt_shape(mode, corpus, workdir)),
                  ("gpu", "6. GPU: GPT-2-small in bf16 with torch.compile", lambda: gpu_section(workdir)),
-                 ("speedrun", "7. Speedrun: the default recipe against ADAMW_RECIPE (lessons 1-6)",
+                 ("speedrun", "7. Speedrun: the default recipe against ADAMW_RECIPE (lessons 1-7)",
                   lambda: speedrun(mode, workdir))]
         results = {}
         for number, (key, title, run) in enumerate(steps, start=1):

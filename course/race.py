@@ -1,4 +1,4 @@
-"""Timing training runs for the speedrun lesson (lesson 7).
+"""Timing training runs for the speedrun lesson (lesson 8).
 
 train() reports tokens per second but not when each evaluation happened. ClockedBatches is a
 ``batches`` source for ``training.train`` that serves exactly the batches train() would draw on

@@ -70,7 +70,7 @@ BANNED = {
     "muon": ["torch.optim.Muon", "torch.optim._muon", "training.Muon", "training.MuonWithAdamW",
              "training.newton_schulz", "m07_training.muon"],
     # DDP, FSDP and composable replicate average gradients themselves (the class or function first: the guard names
-    # it rather than its file); lesson 6's torchrun helpers too
+    # it rather than its file); lesson 7's torchrun helpers too
     "gradient-all-reduce": ["torch.nn.parallel.DistributedDataParallel", "torch.nn.parallel",
                             "torch.nn.parallel.distributed", "torch.distributed.fsdp.fully_shard",
                             "torch.distributed.fsdp.FullyShardedDataParallel", "torch.distributed.fsdp",

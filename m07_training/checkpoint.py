@@ -1,4 +1,4 @@
-"""Lesson 5: checkpoints: everything a bit-exact resume needs, written atomically and read back with
+"""Lesson 6: checkpoints: everything a bit-exact resume needs, written atomically and read back with
 weights_only=True (tensors and plain data only: loading a checkpoint runs no code)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Lesson 5: TrainConfig, every knob of a training run; each field is also a flag of
+"""Lesson 6: TrainConfig, every knob of a training run; each field is also a flag of
 `python training.py` (its help text is the field's)."""
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class TrainConfig:
     d_ff: int = flag(512, "hidden width of each MLP")
     dropout: float = flag(0.0, "dropout probability")
     # architecture options of m06_transformer.GPTConfig: module 06's GPT except QK-norm and ReLU^2,
-    # which won lesson 7's race (ADAMW_RECIPE below turns them off again)
+    # which won lesson 8's race (ADAMW_RECIPE below turns them off again)
     rotary: bool = flag(False, "rotary position embeddings in attention instead of a learned position table")
     qk_norm: bool = flag(True, "RMS-normalise each head's queries and keys (module 06's GPT: --no-qk-norm)")
     mlp_activation: str = flag("relu2", "MLP activation; relu2 is relu(x)^2 (module 06's GPT: gelu)", list(MLP_ACTIVATIONS))
@@ -52,7 +52,7 @@ class TrainConfig:
     tie_head: bool = flag(True, "LM head shares the token embedding's matrix (--no-tie-head: its own)")
     # optimisation. The defaults come from sweeps on a 2-core CPU: many small updates (16 x 64
     # characters) at a high peak LR beat fewer, larger ones, and Muon with ReLU^2 and QK-norm and an
-    # LR decayed to 0 beats AdamW with GELU at equal wall time (lesson 7;
+    # LR decayed to 0 beats AdamW with GELU at equal wall time (lesson 8;
     # benchmarks/BENCHMARKS.md; README: Decisions).
     batch_size: int = flag(16, "sequences per micro-batch (per process under torchrun)")
     grad_accum_steps: int = flag(1, f"micro-batches accumulated into one update (at most {MAX_GRAD_ACCUM}: "
@@ -77,7 +77,7 @@ class TrainConfig:
     grad_clip: float = flag(1.0, "clip the global gradient norm to this; 0 disables")
     # Muon (--optimizer muon) follows --lr's schedule and --weight-decay: its update is scaled to
     # an RMS of muon_rms * lr; 0.2 is about AdamW's (Moonshot's match_rms_adamw convention), and
-    # updates 2.5 times larger train faster here (lesson 7).
+    # updates 2.5 times larger train faster here (lesson 8).
     muon_momentum: float = flag(0.95, "Muon's (Nesterov) momentum")
     muon_rms: float = flag(0.5, "RMS of a Muon update per unit of LR (0.2: as large as AdamW's)")
     muon_ns_steps: int = flag(5, "Newton-Schulz iterations per Muon update")
@@ -167,8 +167,8 @@ class TrainConfig:
         return self.decay_steps or self.max_steps
 
 
-# The fields that turn TrainConfig's defaults into the run lessons 1-6 teach and `python training.py`
-# trained before lesson 7's speedrun: AdamW on every parameter, module 06's GPT (GELU MLPs, no
+# The fields that turn TrainConfig's defaults into the run lessons 1-7 teach and `python training.py`
+# trained before lesson 8's speedrun: AdamW on every parameter, module 06's GPT (GELU MLPs, no
 # QK-norm), and an LR that decays to a tenth of its peak. TrainConfig(**ADAMW_RECIPE) is that run;
 # benchmarks/BENCHMARKS.md races it against the default.
 ADAMW_RECIPE = dict(optimizer="auto", mlp_activation="gelu", qk_norm=False, min_lr=6e-4)

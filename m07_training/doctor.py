@@ -1,4 +1,4 @@
-"""Lesson 4: the training doctor: read a run's history and say what went wrong, with the evidence
+"""Lesson 5: the training doctor: read a run's history and say what went wrong, with the evidence
 and what to try. diagnose() runs one small check per kind of failure, in the order a reader
 would look: the loss curve, the evaluations, the gradient norms."""
 from __future__ import annotations

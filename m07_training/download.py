@@ -1,4 +1,4 @@
-"""Lesson 5: fetching a corpus once: URL + SHA-256 + cache (tested on a loopback server in tests/test_data.py)."""
+"""Lesson 6: fetching a corpus once: URL + SHA-256 + cache (tested on a loopback server in tests/test_data.py)."""
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,4 @@
-"""Lesson 5: the training loop. train() reads top to bottom: build, then for each update the LR,
+"""Lesson 6: the training loop. train() reads top to bottom: build, then for each update the LR,
 the update itself, and now and then a read-back of the losses, an evaluation and a checkpoint."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Lesson 7: Muon, momentum orthogonalised by Newton-Schulz (checked against torch.optim.Muon in
+"""Lesson 8: Muon, momentum orthogonalised by Newton-Schulz (checked against torch.optim.Muon in
 tests/test_muon.py), and MuonWithAdamW, the optimizer `python training.py` trains with."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Lessons 4 and 5: a finished run in one picture: its losses, learning rate and gradient norm per
+"""Lessons 5 and 6: a finished run in one picture: its losses, learning rate and gradient norm per
 update, with what the training doctor found shaded where it found it (plot_run, and the command
 `m07-plot`). The figure is a matplotlib Figure made without pyplot, so it needs no display."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Lesson 5: the files a run owns, and the one way they are written.
+"""Lesson 6: the files a run owns, and the one way they are written.
 
 A run writes best.pt, last.pt and history.jsonl into its out_dir. Every whole-file write goes
 through atomic_file(): a temporary in the same folder, fsynced, then renamed over the target, so

@@ -1,4 +1,4 @@
-"""Lesson 5: text from a trained model, in memory (sample_text) or from a finished run's checkpoint
+"""Lesson 6: text from a trained model, in memory (sample_text) or from a finished run's checkpoint
 (sample_from_checkpoint, and the command `m07-sample`)."""
 from __future__ import annotations
 

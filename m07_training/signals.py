@@ -1,4 +1,4 @@
-"""Lesson 5: stopping a run cleanly: the first Ctrl-C or SIGTERM becomes a flag that train() reads
+"""Lesson 6: stopping a run cleanly: the first Ctrl-C or SIGTERM becomes a flag that train() reads
 between updates, so it can write last.pt before it stops."""
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ def tiny_gpt(tiny_gpt_config) -> GPT:
 def tiny_train_config(corpus_slice_file, tmp_path):
     """A factory of TrainConfig for a seconds-long CPU run on the corpus slice; keyword overrides win.
     Each config gets an out_dir of its own (out, out-2, ...): a run refuses another run's out_dir.
-    It trains lessons 1-6's recipe (training.ADAMW_RECIPE: AdamW, module 06's GPT), on which the loop's
+    It trains lessons 1-7's recipe (training.ADAMW_RECIPE: AdamW, module 06's GPT), on which the loop's
     behaviour tests are calibrated; test_muon.py passes optimizer="muon" for the default recipe."""
     made = []
 

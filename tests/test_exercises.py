@@ -633,7 +633,7 @@ MUTANTS = {
     ],
     # each mutant forks two gloo processes: ~0.15 s, the deadlock ~2.1 s (the check's STRAGGLER_S)
     "gradient-all-reduce": [
-        ("lesson 6's rule: the ranks' sum divided by the world size",
+        ("lesson 7's rule: the ranks' sum divided by the world size",
          edit(("        p.grad.mul_(local_tokens)  # this rank's mean -> the sum over its own tokens\n", ""),
               ("p.grad.div_(total)", "p.grad.div_(dist.get_world_size())")),
          r"dividing by the world size weighs every rank equally, but the ranks hold 5 and 20 tokens"),

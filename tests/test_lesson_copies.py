@@ -95,7 +95,7 @@ def test_the_lessons_define_what_this_test_submits():
     names = {(lesson, name) for lesson, name, _ in lesson_definitions()}
     assert ("01-loss-and-perplexity", "cross_entropy") in names
     assert ("03-lr-schedules", "warmup_cosine") in names
-    assert ("04-stable-training", "clip_grad_norm_scratch") in names
+    assert ("04-stable-updates", "clip_grad_norm_scratch") in names
 
 
 @pytest.mark.parametrize("exercise", EXERCISES, ids=lambda exercise: exercise.slug)

@@ -33,7 +33,7 @@ def test_no_template_text_reaches_the_reader(path):
 
 
 def test_lesson_06_quotes_the_current_update_loop():
-    prose = reader_text(ROOT / "lessons" / "06-scaling-up.ipynb")
+    prose = reader_text(ROOT / "lessons" / "07-scaling-up.ipynb")
     quote = re.search(r"\(`update`.*?```python\n(.*?)```", prose, re.S).group(1)
     source = {line.strip() for line in inspect.getsource(training.update).splitlines()}
     stale = [line for line in quote.splitlines() if line.strip() not in source]

@@ -34,7 +34,7 @@ from m07_training.data import get_batch
 from exercises.checks.harness import (ExerciseFailed, call_candidate, expected_and_got, is_close, register,
                                       require_callable, run_and_judge, type_name)
 
-# The tiny GPT of lesson 5, smaller: no dropout (so no random state to restore) and no biases (a key bias has
+# The tiny GPT of lesson 6, smaller: no dropout (so no random state to restore) and no biases (a key bias has
 # an exactly-zero gradient in exact arithmetic, so in float32 a rounding-noise gradient whose sign Adam's first
 # step turns into a full +-lr step, and two right loops would disagree).
 MODEL = dict(context_length=32, d_model=64, n_layers=2, n_heads=4, d_ff=256, dropout=0.0, bias=False)
