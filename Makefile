@@ -42,11 +42,13 @@ browser-deps:
 # A second CPU-kernel setting for the notebook replay: no SIMD kernels in ATen, SSE4.2 in MKL,
 # one thread (the first pass uses the CPU's best kernels and every core). Both change the low
 # bits of matmuls and reductions, so a stored output that is a raw short-run loss fails here.
+# Being single-threaded, this replay runs one notebook per core (pytest-xdist; a notebook's cells
+# stay together in one kernel with --dist loadfile).
 PORTABLE_CPU := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 OMP_NUM_THREADS=1
 
 test: setup browser-deps sandbox-deps
 	$(PY) -m pytest
-	$(PORTABLE_CPU) $(PY) -m pytest lessons solutions
+	$(PORTABLE_CPU) $(PY) -m pytest --numprocesses auto --dist loadfile lessons solutions
 
 benchmarks: setup
 	$(PY) benchmarks/run.py
