@@ -6,15 +6,8 @@
 set -euo pipefail
 
 command -v bwrap > /dev/null && exit 0
-missing() {
-  echo "grader sandbox: $1 (see README, 'Which tests need what')"
+source "$(dirname "$0")/apt_install.sh"
+if ! apt_install "grader sandbox" bubblewrap; then
+  echo "grader sandbox: bwrap is missing and $apt_missing (see README, 'Which tests need what')"
   if [[ ${CI:-} == true ]]; then exit 1; fi
-  exit 0
-}
-if [[ $(id -u) -eq 0 ]]; then sudo=()
-elif command -v sudo > /dev/null && sudo -n true 2> /dev/null; then sudo=(sudo -n)
-else missing "bwrap is missing and installing Debian's bubblewrap needs root or password-less sudo"; fi
-command -v apt-get > /dev/null || missing "bwrap is missing and there is no apt-get to install Debian's bubblewrap"
-echo "grader sandbox: installing Debian's bubblewrap"
-"${sudo[@]}" apt-get update -qq
-DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends bubblewrap
+fi

@@ -12,13 +12,8 @@ skip() { echo "browser test: $1; it will be skipped (see README, 'Which tests ne
 
 chromium=${CHROMIUM:-/usr/bin/chromium}  # the path test_explorer.py launches; overridable for tests
 if [[ ! -x $chromium ]]; then
-  if [[ $(id -u) -eq 0 ]]; then sudo=()
-  elif command -v sudo > /dev/null && sudo -n true 2> /dev/null; then sudo=(sudo -n)
-  else skip "chromium is missing and installing it needs root or password-less sudo"; fi
-  command -v apt-get > /dev/null || skip "chromium is missing and there is no apt-get to install Debian's package"
-  echo "browser test: installing Debian's chromium"
-  "${sudo[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends chromium
+  source ../apt_install.sh
+  apt_install "browser test" chromium || skip "chromium is missing and $apt_missing"
 fi
 
 command -v npm > /dev/null || skip "npm is missing (it comes with Node.js)"
