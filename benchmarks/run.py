@@ -171,7 +171,9 @@ def optimizer_steps(mode, device):
     base = times["torch.optim.AdamW, foreach"]
     rows = [[name, "n/a" if t is None else f"{t * 1e3:.2f}", "n/a" if t is None else f"{t / base:.2f}"]
             for name, t in times.items()]
-    text = (f"One AdamW step over the tiny GPT's {sum(p.numel() for p in params):,} parameters in "
+    c = model.config
+    text = (f"One AdamW step over the {sum(p.numel() for p in params):,} parameters of module 06's tiny GPT "
+            f"(vocabulary {c.vocab_size}, context {c.context_length}, width {c.d_model}, {c.n_layers} blocks) in "
             f"{len(params)} tensors (random gradients), median of {mode['optimizer_repeats']}. Ratio = time / "
             "PyTorch foreach time (lower is faster). Goal: our multi-tensor within 1.2x of PyTorch foreach.\n\n")
     return text + table(["optimizer", "ms per step", "time ratio vs torch foreach"], rows), times

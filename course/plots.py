@@ -142,7 +142,7 @@ def plot_val_against_seconds(ax, curves, *, title=None):
         ax.plot(*zip(*points), "o-", ms=4, lw=1.5, label=label)
     ax.set(xlabel="wall-clock seconds of training", ylabel="validation loss (nats per token)", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)  # beside the data, not on it
 
 
 def plot_metric(ax, runs, metric, *, title=None, ylabel=None, logy=True, smooth=1):
