@@ -793,7 +793,8 @@ def main(argv=None):
         mode.update(batch=batch,
                     batches=[max(batch // 4, 1), max(batch // 2, 1), batch, 2 * batch],
                     contexts=[max(context // 4, 1), max(context // 2, 1), context, 2 * context])
-    print(f"{mode_name} run: expect about {EXPECTED_MINUTES[mode_name]} minute(s) on a quiet 2-core CPU", flush=True)
+    minutes = sum(FULL_RUN_SECONDS[key] for key in args.only) / 60 if args.only else EXPECTED_MINUTES[mode_name]
+    print(f"{mode_name} run: expect about {minutes:.2g} minute(s) on a quiet 2-core CPU", flush=True)
     if os.getloadavg()[0] > 0.5 * os.cpu_count():
         print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other work is running, and "
               "PyTorch's CPU threads slow down far more than proportionally when they must share cores. These "
