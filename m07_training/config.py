@@ -224,12 +224,13 @@ def cli_settings(given: dict, stored: dict | None = None) -> tuple[dict, list[st
     """The TrainConfig settings of `python training.py` and the notes to print about them.
 
     given: the flags typed on the command line, by field name. A new run takes TrainConfig's
-    defaults for the rest (but threads: the command line measures, AUTO), with two adjustments for what a user means: --max-minutes without
-    --max-steps trains for the whole budget, and a --max-steps shorter than ten times the default
-    warmup gets a tenth of its updates as warmup. stored: the config of the checkpoint that
-    --resume names; the resumed run takes every setting from it (its thread count too, so that it
-    continues bit for bit; a checkpoint without one leaves torch's setting), and a flag that would change one
-    outside RESUME_MAY_CHANGE (--data only with --resume-on-new-data) raises SettingConflict."""
+    defaults for the rest (but threads: the command line measures, AUTO), with two adjustments for
+    what a user means: --max-minutes without --max-steps trains for the whole budget, and a
+    --max-steps shorter than ten times the default warmup gets a tenth of its updates as warmup.
+    stored: the config of the checkpoint that --resume names; the resumed run takes every setting
+    from it (its thread count too, so that it continues bit for bit; a checkpoint without one leaves
+    torch's setting), and a flag that would change one outside RESUME_MAY_CHANGE (--data only with
+    --resume-on-new-data) raises SettingConflict."""
     if stored is not None:  # a field the checkpoint lacks was TrainConfig's default when it was written
         return _resumed_settings(given, {f.name: f.default for f in dataclasses.fields(TrainConfig)}, stored)
     defaults = {f.name: cli_default(f) for f in dataclasses.fields(TrainConfig)}

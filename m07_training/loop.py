@@ -52,8 +52,7 @@ class TrainResult:
 
 
 def train(config: TrainConfig, *, batches: BatchSource | None = None,
-          clock: Callable[[], float] = time.monotonic,
-          measure_threads: Callable[[int], float] | None = None) -> TrainResult:
+          clock: Callable[[], float] = time.monotonic, measure_threads: Callable[[int], float] | None = None) -> TrainResult:
     """Train a GPT on config.data; see TrainConfig for every knob. Returns a TrainResult.
 
     Each update (update()) accumulates grad_accum_steps micro-batches, clips the global gradient
@@ -66,9 +65,8 @@ def train(config: TrainConfig, *, batches: BatchSource | None = None,
     improvement stop the run. The run owns config.out_dir (OutDir). Under torchrun the processes
     agree on every stop. `batches(step, micro)`, when given, returns the (x, y) of micro-batch
     `micro` (its global index over all processes) of update `step` instead of seeded_batches();
-    `clock` is the time budget's clock (seconds). config.threads sets torch's CPU threads for the run
-    (run_threads: 0 measures the fastest count; `measure_threads(count)`, when given, returns the
-    tokens/s to compare instead of timing updates) and train() sets the caller's count back at the end.
+    `clock` is the time budget's clock (seconds). config.threads sets torch's CPU threads for the run, and the
+    caller's count is set back at the end (run_threads; `measure_threads(count)`: tokens/s, instead of timing).
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train() takes a TrainConfig, got {type(config).__name__}")
@@ -91,9 +89,7 @@ def train(config: TrainConfig, *, batches: BatchSource | None = None,
                disable=not (config.progress and ranks.is_main), unit="step", dynamic_ncols=True)
     threads_before = torch.get_num_threads()
     try:
-        config, threads = run_threads(config, trainee, corpus, ranks, record, measure_threads)
-        if threads and config.progress and ranks.is_main:
-            bar.write(f"threads: {threads}")
+        config, threads = run_threads(config, trainee, corpus, ranks, record, measure_threads, bar)
         with StopSignals() as signals:
             trainee.model.train()
             budget.start()
@@ -335,10 +331,10 @@ def prepare_for_updates(trainee: Trainee, config: TrainConfig, ranks: Ranks, sta
 
 
 def run_threads(config: TrainConfig, trainee: Trainee, corpus: Corpus, ranks: Ranks, record: RunRecord,
-                measure: Callable[[int], float] | None) -> tuple[TrainConfig, ThreadChoice | None]:
-    """Set torch's CPU threads as config.threads asks (resolve_threads), and return the config that
-    records the count (checkpoints store it) and the choice. AUTO on a resumed run takes the
-    checkpoint's count, so that it continues bit for bit."""
+                measure: Callable[[int], float] | None, bar) -> tuple[TrainConfig, ThreadChoice | None]:
+    """Set torch's CPU threads as config.threads asks (resolve_threads), say so on the progress output, and
+    return the config that records the count (checkpoints store it) and the choice. AUTO on a resumed run
+    takes the checkpoint's count, so that it continues bit for bit."""
     if config.resume and record.threads and config.threads in (AUTO, record.threads):
         choice = ThreadChoice(record.threads, "the resumed run's")
     else:
@@ -347,6 +343,8 @@ def run_threads(config: TrainConfig, trainee: Trainee, corpus: Corpus, ranks: Ra
     if choice is None:
         return config, None
     torch.set_num_threads(choice.count)
+    if config.progress and ranks.is_main:
+        bar.write(f"threads: {choice}")
     return dataclasses.replace(config, threads=choice.count), choice
 
 
