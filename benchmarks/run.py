@@ -622,8 +622,8 @@ def threads_section(mode, workdir):
             f"{cores} cores), each load's rows against its 1-thread row. The busy process is a Python loop "
             "this benchmark starts before the load's three runs and stops after them. Under it, auto is "
             f"{busy_auto:.2f} x the 1-thread run: {'not slower' if busy_auto >= THREADS_TOLERANCE else 'slower'} "
-            f"(a tolerance of {1 - THREADS_TOLERANCE:.0%} for run-to-run noise). Auto's tokens/s include the "
-            "updates it spends measuring (1 warm-up and 3 timed at each candidate count).\n\n")
+            f"(a tolerance of {1 - THREADS_TOLERANCE:.0%} for run-to-run noise). Tokens/s are train()'s: like "
+            "building the model, auto's measuring (1 warm-up and 3 timed updates at each count) is not in them.\n\n")
     return text + table(["load", "run", "threads (as the run chose)", "tokens/s", "ratio to 1 thread"], rows), busy_auto
 
 

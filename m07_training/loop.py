@@ -42,7 +42,7 @@ class TrainResult:
     last_checkpoint: str | None
     step: int                      # updates done
     stop_reason: str               # 'max_steps', 'max_minutes', 'early stopping ...', 'non-finite ...' (the CLI exits 3)
-    tokens_per_second: float       # training throughput (all processes), evaluation excluded
+    tokens_per_second: float       # training throughput (all processes), evaluations and measuring threads excluded
     model: nn.Module = field(repr=False)
     tokenizer: CharTokenizer = field(repr=False)
     optimizer_name: str = ""
@@ -83,13 +83,13 @@ def train(config: TrainConfig, *, batches: BatchSource | None = None,
     if ranks.is_main:
         out.claim(resume=config.resume, start_step=start_step, overwrite=config.overwrite)
     history, pending, stop_reason, step = [], [], "max_steps", start_step
-    meter = Throughput(config.batch_size * config.context_length * config.grad_accum_steps * ranks.world_size)
     budget = Budget(config.max_minutes, clock, record.train_seconds)
     bar = tqdm(total=None if config.max_minutes else config.max_steps, initial=start_step,
                disable=not (config.progress and ranks.is_main), unit="step", dynamic_ncols=True)
     threads_before = torch.get_num_threads()
     try:
         config, threads = run_threads(config, trainee, corpus, ranks, record, measure_threads, bar)
+        meter = Throughput(config.batch_size * config.context_length * config.grad_accum_steps * ranks.world_size)
         with StopSignals() as signals:
             trainee.model.train()
             budget.start()
