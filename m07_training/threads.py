@@ -86,12 +86,13 @@ def choose_threads(measure: Callable[[int], float], candidates: Iterable[int], u
 
 
 def resolve_threads(threads: int | None, measure: Callable[[int], float], *, device: torch.device,
-                    world_size: int = 1, environ: Mapping[str, str] = os.environ,
+                    world_size: int = 1, environ: Mapping[str, str] | None = None,
                     unit: str = "tok/s") -> ThreadChoice | None:
     """The thread count a run asks for (TrainConfig.threads): None leaves torch's setting alone (no choice);
     N >= 1 is N; AUTO measures with `measure` and picks the fastest, unless OMP_NUM_THREADS is set (the
     user chose), the run is one of several torchrun processes, or the device is not the CPU (then torch's
-    count is kept: it is what the run uses)."""
+    count is kept: it is what the run uses). environ: the environment to read (None: os.environ)."""
+    environ = os.environ if environ is None else environ
     if threads is None:
         return None
     if threads != AUTO:
@@ -109,7 +110,7 @@ def resolve_threads(threads: int | None, measure: Callable[[int], float], *, dev
     return choose_threads(measure, candidates, unit)
 
 
-def use_fastest_threads(work: Callable[[], object], environ: Mapping[str, str] = os.environ) -> ThreadChoice:
+def use_fastest_threads(work: Callable[[], object], environ: Mapping[str, str] | None = None) -> ThreadChoice:
     """Time work() (one step of what comes next, e.g. an update) at each candidate count and set torch to
     the fastest; for a notebook's kernel. OMP_NUM_THREADS, when set, is kept (resolve_threads)."""
     choice = resolve_threads(AUTO, lambda count: speed_at(work, count), device=torch.device("cpu"),
