@@ -16,6 +16,7 @@ m07_training/, the production twin of one lesson; import them from here:
               a run's files m07_training/run_files.py    out_dir lock, atomic writes, history.jsonl
               the config    m07_training/config.py       TrainConfig, ADAMW_RECIPE, gpt_config
               the loop      m07_training/loop.py         train, update, evaluate
+              CPU threads   m07_training/threads.py      the fastest count now, measured once per run
               sampling      m07_training/sampling.py     sample_text
     lesson 7  torchrun      m07_training/distributed.py  ranks, devices and stops agreed by all processes
     lesson 8  Muon          m07_training/muon.py         newton_schulz, Muon, MuonWithAdamW
@@ -43,7 +44,7 @@ from m07_training.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, load_ch
                                      save_checkpoint)
 from m07_training.clipping import clip_grad_norm
 from m07_training.config import (ADAMW_RECIPE, MODEL_FIELDS, RESUME_MAY_CHANGE, SettingConflict, TrainConfig,
-                                 cli_settings, gpt_config, resume_path)
+                                 cli_default, cli_settings, gpt_config, resume_path)
 from m07_training.data import (VAL_FRACTION, BatchSource, CharTokenizer, Corpus, batch_seed, get_batch, load_corpus,
                                markdown_play_to_text, seeded_batches, shakespeare_plays, split_text)
 from m07_training.devices import DTYPES, autocast, has_native_bf16, pick_device, resolve_dtype, unwrap
@@ -60,6 +61,7 @@ from m07_training.sampling import sample_from_checkpoint, sample_text
 from m07_training.scoring import Score, score_text
 from m07_training.schedules import SCHEDULES, CosineScheduler, cosine_lr, linear_lr, lr_of_update, wsd_lr
 from m07_training.signals import TrainingInterrupted
+from m07_training.threads import ThreadChoice, choose_threads, fastest, resolve_threads, use_fastest_threads
 
 __all__ = [
     # lesson 1
@@ -80,6 +82,7 @@ __all__ = [
     "TrainConfig", "ADAMW_RECIPE", "MODEL_FIELDS", "gpt_config", "build_optimizer",
     "train", "update", "evaluate", "TrainResult", "TrainingInterrupted", "RUN_FILES", "sample_text",
     "sample_from_checkpoint", "plot_run",
+    "ThreadChoice", "choose_threads", "fastest", "resolve_threads", "use_fastest_threads",
     # measuring honestly: the whole validation split, and the counting ladder
     "Score", "score_text", "KneserNey", "ngram_ladder", "versus_ladder",
     # lesson 8
@@ -115,7 +118,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
         epilog=EXIT_CODES, formatter_class=HelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if defaults else argparse.SUPPRESS
+        default = cli_default(f) if defaults else argparse.SUPPRESS
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
         else:

@@ -4,6 +4,7 @@ in the same run. Writes BENCHMARKS.md (tables, settings, versions) and PNG plots
     python benchmarks/run.py            # full run, about 35 minutes on a 2-core CPU -> benchmarks/
     python benchmarks/run.py --quick    # smoke run, 1-2 minutes (tiny sizes) -> benchmarks/quick/
     python benchmarks/run.py --gpu-only # section 6 alone on a CUDA machine -> benchmarks/GPU.md
+    python benchmarks/run.py --only threads  # one section (its key) again, replaced in BENCHMARKS.md
 
 A full run spends most of its time training: section 5 (1 and 2 minutes), 5b (four 3-minute runs)
 and 7 (lesson 8's recipe against the one before it: each as the default run and for 5 minutes);
@@ -39,11 +40,12 @@ import training  # noqa: E402
 from course import perf  # noqa: E402
 from course.plots import plot_val_against_seconds  # noqa: E402
 from m06_transformer import GPT, GPTConfig, create_gpt_tiny  # noqa: E402
+from m07_training.threads import available_cores  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # Seconds each section took in the last full run on a quiet 2-core CPU: the progress lines' estimates.
 FULL_RUN_SECONDS = {"overhead": 18, "optimizer": 1, "muon": 31, "speedups": 22, "scaling": 39, "ddp": 18,
-                    "quality": 184, "depth": 663, "nanogpt": 42, "gpu": 0, "speedrun": 1066}
+                    "quality": 184, "depth": 663, "nanogpt": 42, "gpu": 0, "speedrun": 1066, "threads": 240}
 # The two recipes of the speedrun section, named by what they are (not by when they were the default).
 ADAMW_LABEL, DEFAULT_LABEL = "ADAMW_RECIPE (lessons 1-7)", "TrainConfig() (python training.py)"
 # Sizes per mode. "model" is the GPT of the timed runs (training.MODEL_FIELDS): in full mode TrainConfig's
@@ -54,12 +56,14 @@ MODES = {
                  trainer_steps=40, optimizer_repeats=30, step_repeats=8, compile=True,
                  batches=None, contexts=None, scaling_steps=6,
                  ddp_steps=30, budgets_min=[1, 2], default_run={}, depths=[1, 2, 3, 4],
-                 depth_budget_min=3, nanogpt_steps=100, speedrun_min=5, speedrun_eval_interval=250),
+                 depth_budget_min=3, nanogpt_steps=100, speedrun_min=5, speedrun_eval_interval=250,
+                 threads_steps=300),
     "quick": dict(model=dict(context_length=32, d_model=32, n_layers=2, n_heads=2, d_ff=64, dropout=0.0),
                   batch=8, overhead_rounds=2, trainer_steps=8, optimizer_repeats=3, step_repeats=2, compile=False,
                   batches=[4, 8], contexts=[16, 32], scaling_steps=2,
                   ddp_steps=4, budgets_min=[0.05], default_run=dict(max_steps=10, warmup_steps=1, eval_interval=10),
-                  depths=[1, 2], depth_budget_min=0.03, nanogpt_steps=5, speedrun_min=0.05, speedrun_eval_interval=5),
+                  depths=[1, 2], depth_budget_min=0.03, nanogpt_steps=5, speedrun_min=0.05, speedrun_eval_interval=5,
+                  threads_steps=20),
 }
 # nanoGPT's CPU config from its README (shakespeare_char, --device=cpu): 4 layers, 4 heads,
 # 128 embedding, context 64, batch 12, no dropout, GELU, no QK-norm, AdamW. d_ff is nanoGPT's 4 x embedding.
@@ -568,6 +572,63 @@ def speedrun(mode, workdir):
 
 
 # ----------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------- 8
+# train() with the command line's settings (cli_settings) in a fresh process, so that OMP_NUM_THREADS applies
+THREADS_PROBE = ("import json, sys, training; settings, _ = training.cli_settings(json.loads(sys.argv[1])); "
+                 "result = training.train(training.TrainConfig(**settings)); "
+                 "print(json.dumps(dict(tokens_per_s=result.tokens_per_second, threads=str(result.threads))))")
+
+
+THREADS_TOLERANCE = 0.95  # "not slower": auto's tokens/s at least this fraction of the 1-thread run's
+
+
+def threads_run(given, env, out_dir):
+    done = subprocess.run([sys.executable, "-c", THREADS_PROBE, json.dumps({**given, "out_dir": str(out_dir)})],
+                          capture_output=True, text=True, env={**os.environ, **env}, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def busy_process():
+    """One other process that keeps a core busy (pure Python), stopped on leaving."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def threads_section(mode, workdir):
+    """`python training.py --max-steps N` (its settings, train() in a fresh process) on one thread, on every
+    core and with the thread count it measures itself, on a quiet machine and beside one busy process."""
+    cores = available_cores()
+    steps = mode["threads_steps"]
+    given = {**default_overrides(mode), "max_steps": steps, "sample_chars": 0, "progress": False, "overwrite": True}
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    runs = [("1 thread (OMP_NUM_THREADS=1)", {}, {"OMP_NUM_THREADS": "1"}),
+            (f"all {cores} cores (--threads {cores})", {"threads": cores}, {}),
+            ("auto (the default: measured at the start)", {}, {})]
+    rows, ratios = [], {}
+    for load, context in (("quiet", contextlib.nullcontext), ("one busy process", busy_process)):
+        with context():
+            measured = [threads_run({**given, **extra}, {**env, **extra_env}, workdir / "threads")
+                        for _, extra, extra_env in runs]
+        one = measured[0]["tokens_per_s"]
+        for (label, *_), run in zip(runs, measured):
+            ratios[load, label] = run["tokens_per_s"] / one
+            rows.append([load, label, run["threads"], fmt(run["tokens_per_s"]), f"{run['tokens_per_s'] / one:.2f}"])
+    busy_auto = ratios["one busy process", runs[-1][0]]
+    text = (f"`python training.py --max-steps {steps}`'s settings (train() in a fresh process per row; "
+            f"{cores} cores), each load's rows against its 1-thread row. The busy process is a Python loop "
+            "this benchmark starts before the load's three runs and stops after them. Under it, auto is "
+            f"{busy_auto:.2f} x the 1-thread run: {'not slower' if busy_auto >= THREADS_TOLERANCE else 'slower'} "
+            f"(a tolerance of {1 - THREADS_TOLERANCE:.0%} for run-to-run noise). Tokens/s are train()'s: like "
+            "building the model, auto's measuring (1 warm-up and 3 timed updates at each count) is not in them.\n\n")
+    return text + table(["load", "run", "threads (as the run chose)", "tokens/s", "ratio to 1 thread"], rows), busy_auto
+
+
 def plots(out_dir, optimizer_times, speedup_results, by_batch, by_context, curve, speedrun_curves):
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     names = [n for n, t in optimizer_times.items() if t is not None]
@@ -652,6 +713,10 @@ def goals(results, mode):
              + ("n/a" if ratio is None else f"{ratio:.2f}"),
              "n/a (quick)" if quick else verdict((half_loss is not None and half_loss <= SPEEDRUN_TARGET)
                                                  or (ratio is not None and ratio <= 0.5))]]
+    busy_auto = results["threads"][0]
+    rows.append(["8. one busy process: auto tokens/s / 1 thread (`--max-steps "
+                 f"{mode['threads_steps']}`)", f">= {THREADS_TOLERANCE}", f"{busy_auto:.2f}",
+                 verdict(busy_auto >= THREADS_TOLERANCE)])
     return table(["goal", "target", "this run", "met"], rows)
 
 
@@ -685,6 +750,26 @@ def gpu_only(out_dir):
     return 0
 
 
+def replace_sections(path, steps):
+    """Run `steps` (key, title, run) and put each section into the BENCHMARKS.md at path in place of the one
+    with its number (or before the goals)."""
+    text = path.read_text()
+    for key, title, run in steps:
+        print(f"== {title} ...", flush=True)
+        started = time.perf_counter()
+        body, *_ = run()
+        section = (f"## {title}\n\n{body}\n\n_({time.perf_counter() - started:.0f} s; `--only {key}`, "
+                   f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, load average at the end "
+                   f"{os.getloadavg()[0]:.2f})_\n\n")
+        print(section, flush=True)
+        number = title.split(" ", 1)[0]
+        old = re.search(rf"^## {re.escape(number)} .*?(?=^## )", text, re.M | re.S)
+        text = text.replace(old.group(0), section) if old else text.replace("## Goals", section + "## Goals", 1)
+    path.write_text(text)
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1-2 minutes: checks the script runs")
@@ -692,6 +777,9 @@ def main(argv=None):
                                           "or benchmarks/quick/ with --quick)")
     parser.add_argument("--gpu-only", action="store_true",
                         help="run only section 6 on this machine's GPU and write GPU.md (a few minutes)")
+    parser.add_argument("--only", nargs="+", choices=list(FULL_RUN_SECONDS), metavar="SECTION",
+                        help="run only these sections (keys: " + ", ".join(FULL_RUN_SECONDS) + ") and replace them "
+                             "in the BENCHMARKS.md already there (its goals table stays as it was)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -707,7 +795,8 @@ def main(argv=None):
         mode.update(batch=batch,
                     batches=[max(batch // 4, 1), max(batch // 2, 1), batch, 2 * batch],
                     contexts=[max(context // 4, 1), max(context // 2, 1), context, 2 * context])
-    print(f"{mode_name} run: expect about {EXPECTED_MINUTES[mode_name]} minute(s) on a quiet 2-core CPU", flush=True)
+    minutes = sum(FULL_RUN_SECONDS[key] for key in args.only) / 60 if args.only else EXPECTED_MINUTES[mode_name]
+    print(f"{mode_name} run: expect about {minutes:.2g} minute(s) on a quiet 2-core CPU", flush=True)
     if os.getloadavg()[0] > 0.5 * os.cpu_count():
         print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other work is running, and "
               "PyTorch's CPU threads slow down far more than proportionally when they must share cores. These "
@@ -736,7 +825,10 @@ def main(argv=None):
                  ("nanogpt", "5c. nanoGPT's CPU shape", lambda: nanogpt_shape(mode, corpus, workdir)),
                  ("gpu", "6. GPU: GPT-2-small in bf16 with torch.compile", lambda: gpu_section(workdir)),
                  ("speedrun", "7. Speedrun: the default recipe against ADAMW_RECIPE (lessons 1-7)",
-                  lambda: speedrun(mode, workdir))]
+                  lambda: speedrun(mode, workdir)),
+                 ("threads", "8. CPU threads on a quiet and a busy machine", lambda: threads_section(mode, workdir))]
+        if args.only:
+            return replace_sections(out_dir / "BENCHMARKS.md", [step for step in steps if step[0] in args.only])
         results = {}
         for number, (key, title, run) in enumerate(steps, start=1):
             expected = f" (about {FULL_RUN_SECONDS[key] / 60:.1f} min on a quiet 2-core CPU)" if mode_name == "full" else ""

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from m06_transformer import GPTConfig
 from m06_transformer.model import MLP_ACTIVATIONS
 
+from .threads import AUTO, MAX_THREADS
+
 # The model's fields are GPTConfig's: TrainConfig holds each of them (with the course's defaults)
 # except vocab_size, which the corpus decides, and bias, which stays module 06's (on).
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not in ("vocab_size", "bias"))
@@ -22,10 +24,18 @@ FRACTIONS = ("dropout", "beta1", "beta2", "muon_momentum")  # in [0, 1)
 MAX_GRAD_ACCUM = 4096
 
 
-def flag(default, help, choices=None, kind=None):
+def flag(default, help, choices=None, kind=None, cli_default=None):
     """A TrainConfig field, which is also a command-line flag; `kind` is its type where the default (None)
-    does not tell it."""
-    return field(default=default, metadata={"help": help, "choices": choices, "type": kind or type(default)})
+    does not tell it; `cli_default`, where given, is the command line's default instead of the field's."""
+    metadata = {"help": help, "choices": choices, "type": kind or type(default)}
+    if cli_default is not None:
+        metadata["cli_default"] = cli_default
+    return field(default=default, metadata=metadata)
+
+
+def cli_default(f: dataclasses.Field):
+    """What the command line uses for a field it was not given."""
+    return f.metadata.get("cli_default", f.default)
 
 
 @dataclass
@@ -93,6 +103,11 @@ class TrainConfig:
     dtype: str = flag("auto", "autocast dtype; 'auto': bf16 on CUDA >= 8.0 (Ampere+), fp16 on older CUDA (T4), fp32 on CPU/MPS",
                       ["auto", "fp32", "bf16", "fp16"])
     compile: bool = flag(False, "torch.compile the model (needs a C compiler on CPU)")
+    # m07_training/threads.py: measured once per run, kept by its checkpoint (the count changes the last bits)
+    threads: int | None = flag(None, "intra-op CPU threads: N, or 0 = time a few updates at 1, half and all "
+                               "cores and train on the fastest (OMP_NUM_THREADS, torchrun and GPUs keep "
+                               "torch's count); the command line's default is 0, train()'s None: leave torch's "
+                               "setting as it is", kind=int, cli_default=AUTO)
     seed: int = flag(1337, "seed for initialisation, batches and sampling")
     resume: str = flag("", "checkpoint to resume from (out/last.pt, or the folder out/ for its last.pt); the CLI "
                        "takes every setting you do not give from the checkpoint")
@@ -128,6 +143,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.muon_ns_steps must be < 100, got {self.muon_ns_steps!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"TrainConfig.max_minutes must be > 0 (or None: no time limit), got {self.max_minutes!r}")
+        if self.threads is not None and not 0 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"TrainConfig.threads must be a thread count from 1 to {MAX_THREADS}, {AUTO} (measure the "
+                             f"fastest) or None (leave torch's setting), got {self.threads!r}")
         if self.min_lr > self.lr:
             raise ValueError(f"TrainConfig.min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         try:  # the model's own checks (heads that divide the width, ...), once, in GPTConfig
@@ -206,14 +224,16 @@ def cli_settings(given: dict, stored: dict | None = None) -> tuple[dict, list[st
     """The TrainConfig settings of `python training.py` and the notes to print about them.
 
     given: the flags typed on the command line, by field name. A new run takes TrainConfig's
-    defaults for the rest, with two adjustments for what a user means: --max-minutes without
-    --max-steps trains for the whole budget, and a --max-steps shorter than ten times the default
-    warmup gets a tenth of its updates as warmup. stored: the config of the checkpoint that
-    --resume names; the resumed run takes every setting from it, and a flag that would change one
-    outside RESUME_MAY_CHANGE (--data only with --resume-on-new-data) raises SettingConflict."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    if stored is not None:
-        return _resumed_settings(given, defaults, stored)
+    defaults for the rest (but threads: the command line measures, AUTO), with two adjustments for
+    what a user means: --max-minutes without --max-steps trains for the whole budget, and a
+    --max-steps shorter than ten times the default warmup gets a tenth of its updates as warmup.
+    stored: the config of the checkpoint that --resume names; the resumed run takes every setting
+    from it (its thread count too, so that it continues bit for bit; a checkpoint without one leaves
+    torch's setting), and a flag that would change one outside RESUME_MAY_CHANGE (--data only with
+    --resume-on-new-data) raises SettingConflict."""
+    if stored is not None:  # a field the checkpoint lacks was TrainConfig's default when it was written
+        return _resumed_settings(given, {f.name: f.default for f in dataclasses.fields(TrainConfig)}, stored)
+    defaults = {f.name: cli_default(f) for f in dataclasses.fields(TrainConfig)}
     settings, notes = {**defaults, **given}, []
     if "max_minutes" in given and "max_steps" not in given:
         settings["max_steps"] = NO_STEP_LIMIT

@@ -3,6 +3,7 @@ the update itself, and now and then a read-back of the losses, an evaluation and
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import random
@@ -29,6 +30,7 @@ from .optimizers import SGD, AdamW
 from .run_files import OutDir
 from .schedules import lr_of_update
 from .signals import StopSignals, TrainingInterrupted
+from .threads import AUTO, ThreadChoice, resolve_threads, speed_at
 
 
 @dataclass
@@ -40,16 +42,17 @@ class TrainResult:
     last_checkpoint: str | None
     step: int                      # updates done
     stop_reason: str               # 'max_steps', 'max_minutes', 'early stopping ...', 'non-finite ...' (the CLI exits 3)
-    tokens_per_second: float       # training throughput (all processes), evaluation excluded
+    tokens_per_second: float       # training throughput (all processes), evaluations and measuring threads excluded
     model: nn.Module = field(repr=False)
     tokenizer: CharTokenizer = field(repr=False)
     optimizer_name: str = ""
     unigram_loss: float = math.nan  # of the training text (letter frequencies only): the doctor's reference
     corpus: Corpus | None = field(default=None, repr=False)  # what it trained on (the CLI scores best.pt on it)
+    threads: ThreadChoice | None = None  # the CPU threads it trained on and why; None: torch's setting, untouched
 
 
 def train(config: TrainConfig, *, batches: BatchSource | None = None,
-          clock: Callable[[], float] = time.monotonic) -> TrainResult:
+          clock: Callable[[], float] = time.monotonic, measure_threads: Callable[[int], float] | None = None) -> TrainResult:
     """Train a GPT on config.data; see TrainConfig for every knob. Returns a TrainResult.
 
     Each update (update()) accumulates grad_accum_steps micro-batches, clips the global gradient
@@ -62,7 +65,8 @@ def train(config: TrainConfig, *, batches: BatchSource | None = None,
     improvement stop the run. The run owns config.out_dir (OutDir). Under torchrun the processes
     agree on every stop. `batches(step, micro)`, when given, returns the (x, y) of micro-batch
     `micro` (its global index over all processes) of update `step` instead of seeded_batches();
-    `clock` is the time budget's clock (seconds).
+    `clock` is the time budget's clock (seconds). config.threads sets torch's CPU threads for the run, and the
+    caller's count is set back at the end (run_threads; `measure_threads(count)`: tokens/s, instead of timing).
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train() takes a TrainConfig, got {type(config).__name__}")
@@ -79,11 +83,13 @@ def train(config: TrainConfig, *, batches: BatchSource | None = None,
     if ranks.is_main:
         out.claim(resume=config.resume, start_step=start_step, overwrite=config.overwrite)
     history, pending, stop_reason, step = [], [], "max_steps", start_step
-    meter = Throughput(config.batch_size * config.context_length * config.grad_accum_steps * ranks.world_size)
     budget = Budget(config.max_minutes, clock, record.train_seconds)
     bar = tqdm(total=None if config.max_minutes else config.max_steps, initial=start_step,
                disable=not (config.progress and ranks.is_main), unit="step", dynamic_ncols=True)
+    threads_before = torch.get_num_threads()
     try:
+        config, threads = run_threads(config, trainee, corpus, ranks, record, measure_threads, bar)
+        meter = Throughput(config.batch_size * config.context_length * config.grad_accum_steps * ranks.world_size)
         with StopSignals() as signals:
             trainee.model.train()
             budget.start()
@@ -116,6 +122,7 @@ def train(config: TrainConfig, *, batches: BatchSource | None = None,
             out.append_history(history)
         wait_for_all(ranks)
     finally:
+        torch.set_num_threads(threads_before)
         bar.close()
         out.release()
     return TrainResult(history=history, best_val_loss=record.best_val_loss,
@@ -123,7 +130,7 @@ def train(config: TrainConfig, *, batches: BatchSource | None = None,
                        last_checkpoint=str(out.last) if out.last.exists() else None,
                        step=step, stop_reason=stop_reason, tokens_per_second=meter.tokens_per_second,
                        model=trainee.model, tokenizer=corpus.tokenizer, optimizer_name=trainee.optimizer_name,
-                       unigram_loss=unigram_loss(corpus.train_ids), corpus=corpus)
+                       unigram_loss=unigram_loss(corpus.train_ids), corpus=corpus, threads=threads)
 
 
 def update(trainee: Trainee, batches: BatchSource, step: int, lr: float, config: TrainConfig,
@@ -190,6 +197,7 @@ class RunRecord:
     best_val_loss: float = math.inf
     evals_without_improvement: int = 0
     train_seconds: float = 0.0      # training time before this process started (a resumed run's)
+    threads: int | None = None      # the thread count the checkpoint's run trained on (its config's)
 
 
 def build(config: TrainConfig, device: torch.device) -> tuple[Corpus, Trainee]:
@@ -271,7 +279,7 @@ def resume(config: TrainConfig, trainee: Trainee, corpus: Corpus) -> tuple[int, 
     record = saved_record(path, extra)
     step = load_checkpoint(path, trainee.model, trainee.optimizer, scaler=trainee.scaler, map_location=trainee.device)
     if config.resume_on_new_data:  # a val loss of another text is no bar for this one
-        record = RunRecord(train_seconds=record.train_seconds)
+        record = RunRecord(train_seconds=record.train_seconds, threads=record.threads)
     return step, record
 
 
@@ -304,7 +312,11 @@ def saved_record(path: str, extra: dict) -> RunRecord:
         if isinstance(value, bool) or not isinstance(value, kind) or math.isnan(value) or value < 0 \
                 or (finite and math.isinf(value)):
             raise CheckpointError(f"{path} holds an unusable extra[{name!r}] ({value!r})")
-    return RunRecord(float(record.best_val_loss), record.evals_without_improvement, float(record.train_seconds))
+    threads = (extra.get("config") or {}).get("threads")
+    if threads is not None and (type(threads) is not int or threads < 1):
+        raise CheckpointError(f"{path} holds an unusable config['threads'] ({threads!r})")
+    return RunRecord(float(record.best_val_loss), record.evals_without_improvement, float(record.train_seconds),
+                     threads)
 
 
 def prepare_for_updates(trainee: Trainee, config: TrainConfig, ranks: Ranks, start_step: int) -> None:
@@ -316,6 +328,41 @@ def prepare_for_updates(trainee: Trainee, config: TrainConfig, ranks: Ranks, sta
     if ranks.world_size > 1:
         trainee.step_model = nn.parallel.DistributedDataParallel(
             trainee.step_model, device_ids=[trainee.device.index] if trainee.device.type == "cuda" else None)
+
+
+def run_threads(config: TrainConfig, trainee: Trainee, corpus: Corpus, ranks: Ranks, record: RunRecord,
+                measure: Callable[[int], float] | None, bar) -> tuple[TrainConfig, ThreadChoice | None]:
+    """Set torch's CPU threads as config.threads asks (resolve_threads), say so on the progress output, and
+    return the config that records the count (checkpoints store it) and the choice. AUTO on a resumed run
+    takes the checkpoint's count, so that it continues bit for bit."""
+    if config.resume and record.threads and config.threads in (AUTO, record.threads):
+        choice = ThreadChoice(record.threads, "the resumed run's")
+    else:
+        choice = resolve_threads(config.threads, measure or update_speed(trainee, corpus, config),
+                                 device=trainee.device, world_size=ranks.world_size)
+    if choice is None:
+        return config, None
+    torch.set_num_threads(choice.count)
+    if config.progress and ranks.is_main:
+        bar.write(f"threads: {choice}")
+    return dataclasses.replace(config, threads=choice.count), choice
+
+
+def update_speed(trainee: Trainee, corpus: Corpus, config: TrainConfig) -> Callable[[int], float]:
+    """measure(count): tokens/s of a few updates on `count` threads, done on a copy of the model and a
+    fresh optimizer with torch's random state set back afterwards, so the run itself is untouched."""
+    tokens = config.batch_size * config.context_length * config.grad_accum_steps
+
+    def measure(count: int) -> float:
+        model = copy.deepcopy(trainee.model)
+        optimizer, _ = build_optimizer(model, config, trainee.device)
+        scaler = torch.amp.GradScaler(trainee.device.type, enabled=trainee.scaler.is_enabled())
+        spare = dataclasses.replace(trainee, model=model, step_model=model, optimizer=optimizer, scaler=scaler)
+        batch = get_batch(corpus.train_ids, config.batch_size, config.context_length, trainee.device,
+                          torch.Generator().manual_seed(0))
+        with torch.random.fork_rng(devices=[]):  # dropout draws from torch's generator
+            return tokens * speed_at(lambda: update(spare, lambda *_: batch, 1, config.lr, config), count)
+    return measure
 
 
 # --- reading back, the time budget, evaluating --------------------------------------------
