@@ -5,11 +5,19 @@ lessons) can use it without slowing the suite down.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import training
 from m06_transformer import GPT, GPTConfig
+
+# The command line picks the fastest CPU thread count at the start of a run unless OMP_NUM_THREADS is set
+# (m07_training/threads.py). On a loaded machine two runs can pick different counts, and with them different
+# low bits, so every run the suite starts, in process or as a subprocess, keeps torch's count; test_threads.py
+# unsets it where the choosing itself is tested.
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
