@@ -197,30 +197,61 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        top_p: float | None = None,
     ) -> torch.Tensor:
         """Sample ``max_new_tokens`` tokens after ``idx`` (LongTensor[B, T]); returns [B, T + new].
 
-        temperature > 0 divides the logits (lower = more conservative); top_k keeps only the
-        k most likely tokens; a seeded ``generator`` makes the sample reproducible.
+        Each token is drawn from next_token_probs(logits, temperature, top_k, top_p) (see there);
+        a seeded ``generator`` makes the sample reproducible.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
-            raise ValueError(f"top_k must be in [1, {self.config.vocab_size}], got {top_k}")
+        check_decoding(temperature, top_k, top_p, self.config.vocab_size)
         was_training = self.training
         self.eval()
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.context_length :])[:, -1, :].float() / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, top_k).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = F.softmax(logits, dim=-1)
+            logits = self(idx[:, -self.config.context_length :])[:, -1, :]
+            probs = next_token_probs(logits, temperature, top_k, top_p)
             next_id = torch.multinomial(probs, 1, generator=generator)
             idx = torch.cat([idx, next_id], dim=1)
         self.train(was_training)
         return idx
+
+
+def check_decoding(temperature: float, top_k: int | None, top_p: float | None, vocab_size: int) -> None:
+    """A ValueError that starts with the name of the first unusable decoding argument, and says why."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab_size):
+        raise ValueError(f"top_k must be an int from 1 to {vocab_size} (the vocabulary size), got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number above 0 and at most 1 (1 keeps every token), got {top_p!r}")
+
+
+def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                     top_p: float | None = None) -> torch.Tensor:
+    """The distribution the next token is drawn from: logits [..., V] -> probabilities [..., V].
+
+    In this order: the logits are divided by temperature > 0 (below 1 sharpens, above 1 flattens);
+    top_k keeps the k likeliest tokens; top_p (nucleus sampling, 0 < top_p <= 1) keeps the smallest
+    set of the likeliest tokens whose probability adds up to at least top_p. The dropped tokens get
+    probability 0 and the rest are renormalised to sum to 1. None (the default) turns a cut off.
+    """
+    check_decoding(temperature, top_k, top_p, logits.shape[-1])
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, top_k).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # a token stays if the likelier tokens before it do not yet reach top_p: the likeliest always stays
+        sorted_drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop = sorted_drop.scatter(-1, order, sorted_drop)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
 
 
 def create_gpt_tiny(vocab_size: int = 100, **overrides) -> GPT:

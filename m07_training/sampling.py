@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from m06_transformer import GPT, GPTConfig
+from m06_transformer import GPT, GPTConfig, check_decoding
 
 from .checkpoint import CheckpointError, read_checkpoint
 from .data import CharTokenizer
@@ -20,14 +19,20 @@ CHECKPOINT_NAMES = ("best.pt", "last.pt")  # what an out_dir offers to sample fr
 
 
 def sample_text(model: nn.Module, tokenizer: CharTokenizer, chars: int, *, prompt: str = "\n",
-                temperature: float = 0.8, top_k: int | None = None, seed: int = 0) -> str:
-    """Generate `chars` characters after `prompt` with a seeded generator (reproducible)."""
+                temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
+                seed: int = 0) -> str:
+    """Generate `chars` characters after `prompt` with a seeded generator (reproducible).
+
+    Each character is drawn from m06_transformer.next_token_probs: the logits divided by temperature,
+    then cut to the top_k likeliest and to the smallest set whose probability reaches top_p (None: no cut).
+    """
     if not isinstance(prompt, str) or not prompt:
         raise ValueError("prompt must be a non-empty string: the model needs at least one character to go on from")
     device = next(model.parameters()).device
     idx = tokenizer.encode(prompt).unsqueeze(0).to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    out = unwrap(model).generate(idx, chars, temperature=temperature, top_k=top_k, generator=generator)
+    out = unwrap(model).generate(idx, chars, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 generator=generator)
     return tokenizer.decode(out[0, len(prompt):])
 
 
@@ -71,16 +76,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
 
 
 def check_sampling(tokenizer: CharTokenizer, *, prompt: str, chars: int, temperature: float,
-                   top_k: int | None) -> None:
+                   top_k: int | None, top_p: float | None = None) -> None:
     """A ValueError that starts with the name of the first unusable argument, and says why."""
     if isinstance(chars, bool) or not isinstance(chars, int) or chars < 0:
         raise ValueError(f"chars must be an int >= 0, got {chars!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     vocab = tokenizer.vocab_size
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab):
-        raise ValueError(f"top_k must be an int from 1 to {vocab} (the checkpoint's alphabet), got {top_k!r}")
+    check_decoding(temperature, top_k, top_p, vocab)
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
     unknown = sorted(set(prompt) - set(tokenizer.stoi))
@@ -90,7 +91,8 @@ def check_sampling(tokenizer: CharTokenizer, *, prompt: str, chars: int, tempera
 
 
 def sample_from_checkpoint(path: str | Path, *, prompt: str = "\n", chars: int = 500, temperature: float = 0.8,
-                           top_k: int | None = None, seed: int = 0, device: str = "cpu") -> str:
+                           top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                           device: str = "cpu") -> str:
     """`chars` characters that the model of a finished run writes after `prompt` (not included).
 
     path: a checkpoint written by train(), or a run's out_dir (its best.pt, else its last.pt).
@@ -101,12 +103,13 @@ def sample_from_checkpoint(path: str | Path, *, prompt: str = "\n", chars: int =
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int from 0 to 2**63 - 1, got {seed!r}")
     model, tokenizer = load_model(path, device)
-    check_sampling(tokenizer, prompt=prompt, chars=chars, temperature=temperature, top_k=top_k)
+    check_sampling(tokenizer, prompt=prompt, chars=chars, temperature=temperature, top_k=top_k, top_p=top_p)
     with torch.no_grad():
-        return sample_text(model, tokenizer, chars, prompt=prompt, temperature=temperature, top_k=top_k, seed=seed)
+        return sample_text(model, tokenizer, chars, prompt=prompt, temperature=temperature, top_k=top_k,
+                           top_p=top_p, seed=seed)
 
 
-ARGUMENTS = ("prompt", "chars", "temperature", "top_k", "seed", "device")
+ARGUMENTS = ("prompt", "chars", "temperature", "top_k", "top_p", "seed", "device")
 
 
 def cli_error(error: Exception) -> str:
@@ -131,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chars", type=int, default=500, help="characters to generate")
     parser.add_argument("--temperature", type=float, default=0.8, help="> 0; lower is more conservative")
     parser.add_argument("--top-k", type=int, default=None, help="sample only from the K likeliest characters")
+    parser.add_argument("--top-p", type=float, default=None, help="0 < P <= 1: sample only from the smallest set "
+                        "of the likeliest characters whose probability reaches P (nucleus sampling)")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same text")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     return parser
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         text = sample_from_checkpoint(args.checkpoint, prompt=args.prompt, chars=args.chars,
-                                      temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                       device=args.device)
     except (OSError, ValueError) as error:  # CheckpointError is a ValueError
         print(cli_error(error), file=sys.stderr)

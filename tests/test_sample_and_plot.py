@@ -1,5 +1,6 @@
 """A finished run is usable from the command line: m07-sample writes text from its checkpoint,
-m07-plot draws its history; bad input is one 'error:' line and an exit status, never a traceback."""
+m07-plot draws its history; bad input is one 'error:' line and an exit status, never a traceback.
+Every sample is drawn from next_token_probs (temperature, top-k, top-p), tested here first."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import training
+from m06_transformer import next_token_probs
 from m07_training import plot, sampling
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +55,94 @@ def errors_of(capsys, main, argv, status: int) -> str:
     return captured.err
 
 
+# the next-token distribution: temperature, top-k, top-p
+
+def random_logits(seed: int, rows: int = 64, vocab: int = 50) -> torch.Tensor:
+    return 3 * torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed))
+
+
+def nucleus_reference(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """top-p written the textbook way, one row at a time: sort, cumsum, keep up to the first index that reaches p."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    out = torch.zeros_like(probs)
+    for row, p in enumerate(probs):
+        sorted_p, order = p.sort(descending=True)
+        keep = int(torch.searchsorted(sorted_p.cumsum(0), torch.tensor(top_p, dtype=torch.float64))) + 1
+        kept = order[:keep]
+        out[row, kept] = p[kept] / p[kept].sum()
+    return out
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(temperature=0.5), dict(temperature=2.0, top_k=7),
+                                      dict(top_p=0.9), dict(temperature=1.5, top_k=20, top_p=0.5)])
+def test_the_next_token_distribution_is_a_distribution(settings):
+    probs = next_token_probs(random_logits(0), **settings)
+    assert probs.dtype == torch.float32 and (probs >= 0).all()
+    assert torch.allclose(probs.sum(-1), torch.ones(64), atol=1e-6)
+
+
+def test_temperature_1_without_cuts_is_the_softmax_and_lower_temperatures_sharpen():
+    logits = random_logits(1)
+    assert torch.allclose(next_token_probs(logits), torch.softmax(logits, -1))
+    entropy = [-(p * p.clamp_min(1e-30).log()).sum(-1) for p in (next_token_probs(logits, t) for t in (0.5, 1.0, 2.0))]
+    assert (entropy[0] < entropy[1]).all() and (entropy[1] < entropy[2]).all()
+
+
+def test_top_k_1_is_greedy_and_top_k_keeps_the_k_likeliest():
+    logits = random_logits(2)
+    greedy = next_token_probs(logits, temperature=3.0, top_k=1)
+    assert torch.equal(greedy, torch.nn.functional.one_hot(logits.argmax(-1), 50).float())
+    five = next_token_probs(logits, top_k=5)
+    assert ((five > 0).sum(-1) == 5).all()
+    assert torch.equal(five > 0, torch.zeros_like(five, dtype=torch.bool).scatter(-1, logits.topk(5).indices, True))
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 0.5), (0.7, 0.9), (1.3, 0.95), (1.0, 0.01)])
+def test_top_p_equals_a_sorted_cumsum_reference(temperature, top_p):
+    logits = random_logits(3)
+    probs = next_token_probs(logits, temperature, top_p=top_p)
+    assert torch.allclose(probs.double(), nucleus_reference(logits, temperature, top_p), atol=1e-6)
+
+
+def test_top_p_keeps_the_smallest_set_whose_mass_reaches_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = {p: (next_token_probs(logits, top_p=p) > 0).sum().item() for p in (0.4, 0.5, 0.79, 0.81, 0.96, 1.0)}
+    assert kept == {0.4: 1, 0.5: 1, 0.79: 2, 0.81: 3, 0.96: 4, 1.0: 4}
+    assert torch.allclose(next_token_probs(logits, top_p=0.79), torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+
+
+def test_top_p_1_and_no_cuts_change_nothing():
+    logits = random_logits(4)
+    assert torch.equal(next_token_probs(logits, 0.8, top_p=1.0), next_token_probs(logits, 0.8))
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(temperature=0), "temperature must be a finite number > 0, got 0"),
+    (dict(temperature=float("nan")), "temperature must be"),
+    (dict(top_k=0), r"top_k must be an int from 1 to 50 \(the vocabulary size\), got 0"),
+    (dict(top_k=51), "top_k must be"),
+    (dict(top_k=2.0), "top_k must be"),
+    (dict(top_p=0), r"top_p must be a number above 0 and at most 1 \(1 keeps every token\), got 0"),
+    (dict(top_p=1.5), "top_p must be"),
+    (dict(top_p=float("nan")), "top_p must be"),
+    (dict(top_p=True), "top_p must be"),
+])
+def test_bad_decoding_settings_name_themselves(settings, message):
+    with pytest.raises(ValueError, match="^" + message):
+        next_token_probs(random_logits(5), **settings)
+
+
+def test_sampling_with_top_p_draws_only_from_the_nucleus(run):
+    model, tokenizer = run.model.eval(), run.tokenizer
+    prompt = tokenizer.encode("The ").unsqueeze(0)
+    with torch.no_grad():
+        allowed = next_token_probs(model(prompt)[0, -1], top_p=0.5) > 0
+        draws = model.generate(prompt.expand(300, -1), 1, temperature=1.0, top_p=0.5,
+                               generator=torch.Generator().manual_seed(0))[:, -1]
+    assert allowed[draws].all() and 1 <= allowed.sum() < tokenizer.vocab_size
+    assert training.sample_text(model, tokenizer, 50, top_p=0.9, seed=2) != training.sample_text(model, tokenizer, 50, seed=2)
+
+
 # m07-sample
 
 def test_a_checkpoint_and_its_out_dir_give_the_same_sample_for_the_same_seed(out_dir, run):
@@ -79,6 +169,8 @@ def test_the_sample_command_prints_the_prompt_and_its_continuation(out_dir, caps
                           "--top-k", "10", "--seed", "7"]) == 0
     expected = sampling.sample_from_checkpoint(out_dir, prompt="ROMEO:", chars=80, temperature=0.5, top_k=10, seed=7)
     assert capsys.readouterr().out == "ROMEO:" + expected + "\n"
+    assert sampling.main([str(out_dir), "--chars", "60", "--top-p", "0.8", "--seed", "7"]) == 0
+    assert capsys.readouterr().out == "\n" + sampling.sample_from_checkpoint(out_dir, chars=60, top_p=0.8, seed=7) + "\n"
 
 
 def test_the_library_names_the_unusable_argument(out_dir, tmp_path):
@@ -86,6 +178,8 @@ def test_the_library_names_the_unusable_argument(out_dir, tmp_path):
         sampling.sample_from_checkpoint(out_dir, prompt="To é@")
     with pytest.raises(ValueError, match="^temperature must be"):
         sampling.sample_from_checkpoint(out_dir, temperature=0)
+    with pytest.raises(ValueError, match="^top_p must be"):
+        sampling.sample_from_checkpoint(out_dir, top_p=1.01)
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         sampling.sample_from_checkpoint(tmp_path / "nope.pt")
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
@@ -109,6 +203,10 @@ def bad_sample_inputs(out_dir: Path, tmp: Path):
         ([run, "--temperature", "warm"], 2, "argument --temperature: invalid float value"),
         ([run, "--top-k", "0"], 1, "--top-k must be an int from 1 to"),
         ([run, "--top-k", "100000"], 1, "--top-k"),
+        ([run, "--top-p", "0"], 1, "--top-p must be a number above 0 and at most 1 (1 keeps every token), got 0.0"),
+        ([run, "--top-p", "1.5"], 1, "--top-p must be"),
+        ([run, "--top-p", "nan"], 1, "--top-p must be"),
+        ([run, "--top-p", "most"], 2, "argument --top-p: invalid float value"),
         ([run, "--chars", "-5"], 1, "--chars must be an int >= 0, got -5"),
         ([run, "--chars", "many"], 2, "argument --chars: invalid int value"),
         ([run, "--prompt", "Zé~"], 1, "'~' 'é'"),
