@@ -181,8 +181,11 @@ def diagnose(history: str | Path | list[dict] | TrainResult, *, vocab_size: int 
         if found:
             findings.append(found)
     low_loss = any(f.problem == "suspiciously low loss" for f in findings)
-    if found := _gradient_norms(rows, clip, low_loss):
-        findings.append(found)
+    if found := _gradient_norms(rows, clip, low_loss, finite_loss=curve is whole):
+        if found.advice.startswith(NEVER_ZEROED):
+            findings.insert(0, found)  # the likely cause of the rest: read it first
+        else:
+            findings.append(found)
     return findings or [_healthy(curve, evals, rung, ladder)]
 
 
@@ -231,6 +234,11 @@ def _where_to_restart(rows: list[dict], ln_v: float | None) -> str:
             f"{best['step']:,}, val loss {best['val_loss']:.3f}): resume from it with a lower lr")
 
 
+def _peak_lr_note(lrs: np.ndarray) -> str:
+    """'; the peak learning rate was 10': the largest LR of the history (not the LR where the run ended)."""
+    return f"; the peak learning rate was {np.nanmax(lrs):.3g}" if np.isfinite(lrs).any() else ""
+
+
 def _non_finite_loss(curve: _Curve, clip: str, restart: str) -> Finding:
     """Divergence: a NaN/inf loss ends the trustworthy part of the run."""
     n_good, steps, losses, lrs = curve.n_finite, curve.steps, curve.losses, curve.lrs
@@ -238,8 +246,7 @@ def _non_finite_loss(curve: _Curve, clip: str, restart: str) -> Finding:
     start = f" (it started at {losses[0]:.2f})" if n_good > 1 else ""
     return Finding(
         "divergence", f"the loss became {losses[n_good]} at update {steps[n_good]:,}{last_good}{start}",
-        f"lower the peak learning rate (by 3-10x; it was {lrs[n_good]:.3g} here), lengthen the warmup, and "
-        f"{clip}. {restart}",
+        f"lower the peak learning rate (by 3-10x{_peak_lr_note(lrs)}), lengthen the warmup, and {clip}. {restart}",
         (int(steps[max(n_good - 1, 0)]), int(steps[n_good])))
 
 
@@ -389,9 +396,13 @@ def _suspiciously_low_loss(evals: list[dict], curve: _Curve) -> Finding | None:
         (int(curve.steps[low]), int(curve.steps[low])))
 
 
-def _gradient_norms(rows: list[dict], clip: str, low_loss: bool) -> Finding | None:
+NEVER_ZEROED = "check that optimizer.zero_grad() runs every update"
+
+
+def _gradient_norms(rows: list[dict], clip: str, low_loss: bool, finite_loss: bool = True) -> Finding | None:
     """Exploding gradient norms (non-finite, or GRAD_EXPLODE_RATIO x their lowest smoothed value), or
-    vanishing ones (unless the loss is suspiciously low, which explains them)."""
+    vanishing ones (unless the loss is suspiciously low, which explains them). A norm still exploded at the
+    end of a run whose losses and norms all stayed finite grew steadily: the advice then starts with zero_grad."""
     norm_rows = [(row["step"], float(row["grad_norm"])) for row in rows if isinstance(row.get("grad_norm"), (int, float))]
     if not norm_rows:
         return None
@@ -404,11 +415,14 @@ def _gradient_norms(rows: list[dict], clip: str, low_loss: bool) -> Finding | No
     if exploded.any():
         i = int(np.argmax(exploded))
         j = i + int(np.argmax(np.where(finite[i:], norms[i:], math.inf)))
+        steady = finite_loss and finite.all() and smooth_norms[-1] > GRAD_EXPLODE_RATIO * lowest[i]
         return Finding(
             "exploding gradients", f"the gradient norm (mean of {SMOOTH_UPDATES} updates) reached "
             f"{smooth_norms[i] if finite[i] else norms[i]:.3g} at update {norm_steps[i]:,}, over "
             f"{GRAD_EXPLODE_RATIO:g}x its lowest value before ({lowest[i]:.3g})"
             + (f"; largest {norms[j]:.3g} at update {norm_steps[j]:,}" if j != i else ""),
+            f"{NEVER_ZEROED}: a norm that grows update after update while the loss stays finite is the sign of "
+            f"gradients that are never zeroed; if it does, {clip} and lower the learning rate" if steady else
             f"{clip} and lower the learning rate; a norm that grows "
             "steadily update after update suggests gradients that are never zeroed (optimizer.zero_grad)",
             (int(norm_steps[i]), int(norm_steps[j])))

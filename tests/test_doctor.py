@@ -63,6 +63,46 @@ def test_nan_loss_is_divergence_naming_the_update():
     assert "best.pt, update 11, val loss 2.500" in training.diagnose(rows, vocab_size=V)[0].advice
 
 
+def cosine_lrs(n, peak) -> list[float]:
+    """A cosine decay from `peak` at update 1 to a tenth of it, as train() logs it with no warmup."""
+    return [peak * (0.1 + 0.45 * (1 + math.cos(math.pi * i / n))) for i in range(n)]
+
+
+def test_divergence_advice_names_the_peak_lr_not_the_lr_where_it_ended():
+    losses = list(learning_curve(30))
+    losses[25] = math.nan
+    rows = history(losses[:26], lrs=cosine_lrs(26, peak=10.0))  # the LR is about 5 when the loss turns NaN
+    advice = training.diagnose(rows, vocab_size=V)[0].advice
+    assert "the peak learning rate was 10)" in advice
+
+
+def test_a_plateau_names_the_peak_lr():
+    rows = history(np.full(100, 3.4), lrs=cosine_lrs(100, peak=3.0))
+    (finding,) = training.diagnose(rows, vocab_size=V, unigram_loss=3.3)
+    assert "(peak learning rate 3)" in finding.advice
+
+
+def test_a_spike_after_the_peak_names_the_peak_lr():
+    losses = learning_curve(100)
+    losses[4] = 7.0
+    spike = training.diagnose(history(losses, lrs=cosine_lrs(100, peak=3.0)), vocab_size=V)[0]
+    assert spike.problem == "loss spike" and "after the learning rate reached its peak 3 at update 1" in spike.evidence
+
+
+def test_forgotten_zero_grad_puts_zero_grad_before_lowering_the_lr():
+    losses = np.concatenate([learning_curve(100), np.linspace(2.2, 3.5, 50)])  # falls, then climbs back
+    norms = [1.0] * 30 + [1.0 + i for i in range(120)]  # the sum of every gradient so far: grows, stays finite
+    found = training.diagnose(history(losses, grad_norms=norms), vocab_size=V)
+    assert found[0].problem == "exploding gradients" and "divergence" in problems(found)
+    assert found[0].advice.startswith("check that optimizer.zero_grad() runs every update")
+
+
+def test_a_norm_that_explodes_into_nan_is_advised_clipping_first():
+    norms = [1.0] * 20 + [10.0, 1e3, 1e6, math.inf]
+    found = training.diagnose(history(list(learning_curve(24)), grad_norms=norms), vocab_size=V)
+    assert found[0].problem == "exploding gradients" and found[0].advice.startswith("clip the gradient norm")
+
+
 def test_loss_that_rises_and_never_comes_back_is_divergence():
     losses = np.concatenate([learning_curve(100), np.linspace(2.2, 6.0, 50)])
     found = training.diagnose(history(losses), vocab_size=V)
