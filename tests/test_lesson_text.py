@@ -82,3 +82,9 @@ def test_the_readme_states_each_lessons_stored_run_time_and_each_is_under_two_mi
         seconds = stored_run_seconds(path)
         assert abs(int(stated) - seconds) <= 1, f"README says lesson {number} ran {stated} s; it stores {seconds:.0f} s"
         assert seconds < 120, f"lesson {number}'s stored run took {seconds:.0f} s, over two minutes"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_cell_has_its_own_id(path):
+    ids = [cell.get("id") for cell in json.loads(path.read_text())["cells"]]
+    assert None not in ids and len(set(ids)) == len(ids), f"{path.name}: cells without an id, or sharing one"
