@@ -571,7 +571,6 @@ def speedrun(mode, workdir):
     return text, curves, figures
 
 
-# ----------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------- 8
 # train() with the command line's settings (cli_settings) in a fresh process, so that OMP_NUM_THREADS applies
 THREADS_PROBE = ("import json, sys, training; settings, _ = training.cli_settings(json.loads(sys.argv[1])); "
@@ -629,6 +628,7 @@ def threads_section(mode, workdir):
     return text + table(["load", "run", "threads (as the run chose)", "tokens/s", "ratio to 1 thread"], rows), busy_auto
 
 
+# ----------------------------------------------------------------------------------------
 def plots(out_dir, optimizer_times, speedup_results, by_batch, by_context, curve, speedrun_curves):
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     names = [n for n, t in optimizer_times.items() if t is not None]

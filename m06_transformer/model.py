@@ -211,7 +211,7 @@ class GPT(nn.Module):
         self.eval()
         for _ in range(max_new_tokens):
             logits = self(idx[:, -self.config.context_length :])[:, -1, :]
-            probs = next_token_probs(logits, temperature, top_k, top_p)
+            probs = _filtered_probs(logits, temperature, top_k, top_p)  # checked once, above
             next_id = torch.multinomial(probs, 1, generator=generator)
             idx = torch.cat([idx, next_id], dim=1)
         self.train(was_training)
@@ -239,6 +239,11 @@ def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int 
     probability 0 and the rest are renormalised to sum to 1. None (the default) turns a cut off.
     """
     check_decoding(temperature, top_k, top_p, logits.shape[-1])
+    return _filtered_probs(logits, temperature, top_k, top_p)
+
+
+def _filtered_probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """next_token_probs without its argument check: generate() checks once, not at every token."""
     logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, top_k).values[..., -1:]
