@@ -52,6 +52,7 @@ from m07_training.doctor import Finding, diagnose, format_diagnosis, read_histor
 from m07_training.download import DEFAULT_CACHE, DOWNLOADS, download_corpus
 from m07_training.loop import TrainResult, build_optimizer, evaluate, train, update
 from m07_training.loss import cross_entropy, perplexity
+from m07_training.mixture import Counting, MixedScore, count_for_mixing, describe_mixed, score_mixed
 from m07_training.ngram import KneserNey, ngram_ladder, versus_ladder
 from m07_training.muon import NS_COEFFICIENTS, Muon, MuonWithAdamW, newton_schulz, newton_schulz_dtype, split_params_for_muon
 from m07_training.optimizers import SGD, AdamW
@@ -85,6 +86,7 @@ __all__ = [
     "ThreadChoice", "choose_threads", "fastest", "resolve_threads", "use_fastest_threads",
     # measuring honestly: the whole validation split, and the counting ladder
     "Score", "score_text", "KneserNey", "ngram_ladder", "versus_ladder",
+    "Counting", "MixedScore", "count_for_mixing", "score_mixed",
     # lesson 8
     "NS_COEFFICIENTS", "newton_schulz", "newton_schulz_dtype", "Muon", "MuonWithAdamW", "split_params_for_muon",
     # the command line
@@ -220,16 +222,24 @@ def report(result: TrainResult, config: TrainConfig) -> int:
 
 def scored_against_counting(result: TrainResult, config: TrainConfig) -> tuple[str, dict[int, Score]]:
     """best.pt scored on the whole validation split (score_text), next to the counting ladder built from the
-    training split: the honest headline of a run (the evaluations during training sample the split), and
-    the ladder itself."""
+    training split, and mixed with the run's n-gram counts when it has them (score_mixed): the honest
+    headline of a run (the evaluations during training sample the split), and the ladder itself."""
     corpus, device = result.corpus, next(result.model.parameters()).device
-    score = score_text(result.model, corpus.val_ids, context_length=config.context_length, device=device,
-                       dtype=resolve_dtype(config.dtype, device))
+    scoring = dict(context_length=config.context_length, device=device, dtype=resolve_dtype(config.dtype, device))
+    mixed = None
+    if result.counting:
+        mixed = score_mixed(result.model, result.counting, corpus.train_ids, corpus.val_ids, **scoring)
+        score = mixed.network
+    else:
+        score = score_text(result.model, corpus.val_ids, **scoring)
     ladder = ngram_ladder(corpus.train_ids, corpus.val_ids, corpus.tokenizer.vocab_size,
                           min_history=score.min_history, cache_dir=DEFAULT_CACHE)
-    return (f"best.pt on the whole validation split, every character with at least {score.min_history} characters of "
-            f"history: {score}; it {versus_ladder(score.loss, ladder)} of the Kneser-Ney n-grams counted "
-            f"from the training split"), ladder
+    lines = [f"best.pt on the whole validation split, every character with at least {score.min_history} characters "
+             f"of history: {score}; it {versus_ladder(score.loss, ladder)} of the Kneser-Ney n-grams counted "
+             f"from the training split"]
+    if mixed:
+        lines.append(describe_mixed(mixed, result.counting, ladder))
+    return "\n".join(lines), ladder
 
 
 if __name__ == "__main__":

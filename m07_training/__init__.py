@@ -14,6 +14,7 @@
     loop.py          lesson 6   train, evaluate, update: the training loop
     scoring.py       lesson 6   score_text, Score: a whole text scored once, with its standard error
     ngram.py         lesson 6   KneserNey, ngram_ladder: the counting baselines a GPT must beat
+    mixture.py       lesson 6   count_for_mixing, score_mixed: the GPT and an n-gram, averaged
     signals.py       lesson 6   stopping cleanly on Ctrl-C or SIGTERM
     sampling.py      lesson 6   sample_text, sample_from_checkpoint, the m07-sample command
     plot.py          lesson 6   plot_run: a run's curves and the doctor's findings, the m07-plot command

@@ -18,7 +18,7 @@ MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not
 POSITIVE = ("batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_batches", "log_interval", "lr",
             "muon_rms", "muon_ns_steps")
 NON_NEGATIVE = ("decay_steps", "warmup_steps", "patience", "min_lr", "weight_decay", "grad_clip", "sample_chars",
-                "seed")
+                "seed", "mix_order")
 FRACTIONS = ("dropout", "beta1", "beta2", "muon_momentum")  # in [0, 1)
 # Signals and the time budget are read between updates, so an update must end in a bounded time.
 MAX_GRAD_ACCUM = 4096
@@ -98,6 +98,10 @@ class TrainConfig:
     eval_batches: int = flag(20, "batches averaged per evaluation (the same ones every time)")
     patience: int = flag(0, "stop after this many evaluations without a better val loss; 0 = never")
     log_interval: int = flag(10, "read the loss back from the device every this many updates")
+    # m07_training/mixture.py: counted inside the run's time, used only to score the result
+    mix_order: int = flag(0, "also score best.pt mixed with a Kneser-Ney n-gram of this order, counted from the "
+                          "training split inside the run's time budget; 0: the network alone (the command "
+                          "line's default is 8, train()'s 0)", cli_default=8)
     # system
     device: str = flag("auto", "'auto' (cuda, then mps, then cpu), or a device name such as cpu, cuda:1")
     dtype: str = flag("auto", "autocast dtype; 'auto': bf16 on CUDA >= 8.0 (Ampere+), fp16 on older CUDA (T4), fp32 on CPU/MPS",
@@ -202,7 +206,7 @@ def gpt_config(config: TrainConfig, vocab_size: int) -> GPTConfig:
 # reports, and where and how it runs (grad_accum_steps goes with the number of torchrun processes:
 # processes x accumulation keeps the global batch). Anything else would make it another run.
 RESUME_MAY_CHANGE = ("max_steps", "decay_steps", "max_minutes", "grad_accum_steps", "eval_interval", "eval_batches", "log_interval", "patience",
-                     "progress", "sample_chars", "device", "compile", "out_dir", "overwrite", "resume",
+                     "progress", "sample_chars", "mix_order", "device", "compile", "out_dir", "overwrite", "resume",
                      "resume_on_new_data")
 NO_STEP_LIMIT = 2**31 - 1  # max_steps of a run that only its time budget ends
 

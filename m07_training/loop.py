@@ -25,6 +25,7 @@ from .devices import autocast, resolve_dtype
 from .distributed import Ranks, StopVote, agree, from_main, setup_distributed, wait_for_all
 from .doctor import unigram_loss
 from .loss import cross_entropy
+from .mixture import Counting, check_mixing, count_for_mixing
 from .muon import NS_DTYPES, MuonWithAdamW, newton_schulz_dtype, split_params_for_muon
 from .optimizers import SGD, AdamW
 from .run_files import OutDir
@@ -49,24 +50,24 @@ class TrainResult:
     unigram_loss: float = math.nan  # of the training text (letter frequencies only): the doctor's reference
     corpus: Corpus | None = field(default=None, repr=False)  # what it trained on (the CLI scores best.pt on it)
     threads: ThreadChoice | None = None  # the CPU threads it trained on and why; None: torch's setting, untouched
+    counting: Counting | None = field(default=None, repr=False)  # the n-grams to mix with (config.mix_order)
 
 
 def train(config: TrainConfig, *, batches: BatchSource | None = None,
           clock: Callable[[], float] = time.monotonic, measure_threads: Callable[[int], float] | None = None) -> TrainResult:
     """Train a GPT on config.data; see TrainConfig for every knob. Returns a TrainResult.
 
-    Each update (update()) accumulates grad_accum_steps micro-batches, clips the global gradient
-    norm and steps the optimizer at the LR of lr_of_update(). The loss stays on the device and is
-    read back every log_interval updates, where a non-finite loss stops the run (best.pt and
-    last.pt keep the last finite state), a caught SIGINT/SIGTERM writes last.pt and raises
-    TrainingInterrupted, and the time budget (Budget) is checked. Every eval_interval updates
-    (and at the end) train and val loss are measured on eval_batches fixed batches; a better val
-    loss writes best.pt, every evaluation writes last.pt, and `patience` evaluations without
-    improvement stop the run. The run owns config.out_dir (OutDir). Under torchrun the processes
-    agree on every stop. `batches(step, micro)`, when given, returns the (x, y) of micro-batch
-    `micro` (its global index over all processes) of update `step` instead of seeded_batches();
-    `clock` is the time budget's clock (seconds). config.threads sets torch's CPU threads for the run, and the
-    caller's count is set back at the end (run_threads; `measure_threads(count)`: tokens/s, instead of timing).
+    Each update (update()) accumulates grad_accum_steps micro-batches, clips the global gradient norm and
+    steps the optimizer at the LR of lr_of_update(). The loss stays on the device and is read back every
+    log_interval updates, where a non-finite loss stops the run (best.pt and last.pt keep the last finite
+    state), a caught SIGINT/SIGTERM writes last.pt and raises TrainingInterrupted, and the time budget
+    (Budget) is checked. Every eval_interval updates (and at the end) train and val loss are measured on
+    eval_batches fixed batches; a better val loss writes best.pt, every evaluation writes last.pt, and
+    `patience` evaluations without improvement stop the run. The run owns config.out_dir (OutDir). Under
+    torchrun the processes agree on every stop. config.mix_order's n-grams are counted inside the budget.
+    `batches(step, micro)` returns the (x, y) of micro-batch `micro` (over all processes) of update `step`
+    instead of seeded_batches(); `clock` is the budget's clock (seconds). config.threads sets torch's CPU
+    threads for the run, set back at the end (`measure_threads(count)`: tokens/s, instead of timing).
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train() takes a TrainConfig, got {type(config).__name__}")
@@ -93,6 +94,7 @@ def train(config: TrainConfig, *, batches: BatchSource | None = None,
         with StopSignals() as signals:
             trainee.model.train()
             budget.start()
+            counting = count_if_asked(config, corpus, ranks)  # part of what the run builds: in its time
             used = budget.fraction(record.train_seconds)  # a resumed run may have used part of it
             for step in range(start_step + 1, config.max_steps + 1):
                 lr = lr_of_update(config, step, used)
@@ -125,12 +127,12 @@ def train(config: TrainConfig, *, batches: BatchSource | None = None,
         torch.set_num_threads(threads_before)
         bar.close()
         out.release()
-    return TrainResult(history=history, best_val_loss=record.best_val_loss,
+    return TrainResult(history=history, best_val_loss=record.best_val_loss, step=step, stop_reason=stop_reason,
                        best_checkpoint=str(out.best) if out.best.exists() else None,
                        last_checkpoint=str(out.last) if out.last.exists() else None,
-                       step=step, stop_reason=stop_reason, tokens_per_second=meter.tokens_per_second,
-                       model=trainee.model, tokenizer=corpus.tokenizer, optimizer_name=trainee.optimizer_name,
-                       unigram_loss=unigram_loss(corpus.train_ids), corpus=corpus, threads=threads)
+                       tokens_per_second=meter.tokens_per_second, model=trainee.model, tokenizer=corpus.tokenizer,
+                       optimizer_name=trainee.optimizer_name, unigram_loss=unigram_loss(corpus.train_ids),
+                       corpus=corpus, threads=threads, counting=counting)
 
 
 def update(trainee: Trainee, batches: BatchSource, step: int, lr: float, config: TrainConfig,
@@ -213,10 +215,19 @@ def build(config: TrainConfig, device: torch.device) -> tuple[Corpus, Trainee]:
         if len(ids) <= config.context_length:
             raise ValueError(f"the {split} split of {config.data!r} has {len(ids)} characters, too few for "
                              f"context_length={config.context_length}: use a longer text or a shorter context")
+    if config.mix_order:
+        check_mixing(config.mix_order, corpus.tokenizer.vocab_size, len(corpus.train_ids), config.context_length)
     model = GPT(gpt_config(config, corpus.tokenizer.vocab_size)).to(device)
     optimizer, optimizer_name = build_optimizer(model, config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     return corpus, Trainee(model, model, optimizer, optimizer_name, scaler, device, dtype)
+
+
+def count_if_asked(config: TrainConfig, corpus: Corpus, ranks: Ranks) -> Counting | None:
+    """The n-grams config.mix_order asks to mix best.pt with, counted by the main process (it reports)."""
+    if not (config.mix_order and ranks.is_main):
+        return None
+    return count_for_mixing(corpus.train_ids, corpus.tokenizer.vocab_size, config.mix_order, config.context_length)
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> tuple[torch.optim.Optimizer, str]:

@@ -58,6 +58,16 @@ def estimate_discount(counts: np.ndarray) -> float:
     return n1 / (n1 + 2 * n2) if n1 else DEFAULT_DISCOUNT
 
 
+def check_order(order: int, vocab_size: int) -> None:
+    """ValueError unless an order-`order` model of a vocab_size alphabet can be counted (its codes fit int64)."""
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        raise ValueError(f"order must be a positive int, got {order!r}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    if order * math.log2(vocab_size) > 62:
+        raise ValueError(f"order {order} with vocab_size {vocab_size}: the n-gram codes overflow int64")
+
+
 @dataclass(frozen=True)
 class _Level:
     """One level of the recursion: the (continuation) counts of its k-grams and of their histories."""
@@ -115,12 +125,7 @@ class KneserNey:
         the estimate), D_1..D_order, or None for D = n1 / (n1 + 2 n2) estimated per level from that
         level's counts (raw at the top, continuation below); each in (0, 1].
         """
-        if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-            raise ValueError(f"order must be a positive int, got {order!r}")
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-        if order * math.log2(vocab_size) > 62:
-            raise ValueError(f"order {order} with vocab_size {vocab_size}: the n-gram codes overflow int64")
+        check_order(order, vocab_size)
         ids = _as_ids(train_ids, vocab_size)
         if len(ids) < order:
             raise ValueError(f"train_ids has {len(ids)} tokens; an order-{order} model needs at least {order}")

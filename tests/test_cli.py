@@ -23,8 +23,9 @@ def test_help_lists_every_field(capsys):
 
 def test_defaults_match_train_config():
     parsed = vars(training.build_parser().parse_args([]))
-    # but threads: the command line measures the fastest count (0), train() leaves torch's setting (None)
-    assert parsed.pop("threads") == 0
+    # but threads: the command line measures the fastest count (0), train() leaves torch's setting (None);
+    # and mix_order: the command line also scores best.pt mixed with an 8-gram, train() counts nothing
+    assert parsed.pop("threads") == 0 and parsed.pop("mix_order") == 8
     assert training.TrainConfig(**parsed) == training.TrainConfig()
 
 
@@ -64,5 +65,6 @@ def test_a_short_run_prints_the_summary_and_a_sample(corpus_slice_file, tmp_path
     assert training.main(argv) == 0
     out = capsys.readouterr().out
     assert "max_steps after 10 updates | best val loss" in out
+    assert "mixed with the Kneser-Ney 8-gram (counted in" in out and "on the counting ladder it beats" in out
     sample = out.split(f"--- sample from {tmp_path / 'best.pt'} ---\n", 1)[1]
     assert len(sample.rstrip("\n")) >= 70  # 80 generated characters, a few of them newlines at the end
