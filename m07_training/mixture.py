@@ -106,10 +106,6 @@ class MixedScore:
     order: int
     fit_seconds: float   # fitting w (scoring the held-out pieces with the network)
 
-    def __str__(self) -> str:
-        return (f"{self.mixed} with weight {self.weight:.2f} on the {self.order}-gram's counts "
-                f"(network alone {self.network.loss:.3f}, counts alone {self.counting.loss:.3f})")
-
 
 def score_mixed(model: nn.Module, counting: Counting, train_ids: torch.Tensor | np.ndarray,
                 ids: torch.Tensor | np.ndarray, *, context_length: int, device: str | torch.device,
